@@ -1,0 +1,112 @@
+"""`quantize`: the whole pipeline of the paper, one layer after another in execution order."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from adaround.calibration import check_finite_weights, collect_calibration, model_device
+from adaround.config import QuantConfig
+from adaround.errors import CalibrationDataError
+from adaround.nn.quant_layer import QuantLayer
+from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
+from adaround.reconstruct import LayerResult, adaround_layer, collect_layer_data
+from adaround.trace import Trace, trace_model
+
+log = logging.getLogger(__name__)
+
+FORWARD_BATCH = 128
+META_ATTR = "adaround_meta"
+REPORT_ATTR = "adaround_report"
+
+
+def _trace(model: nn.Module, x: Tensor) -> Trace:
+    try:
+        return trace_model(model, x[:2])
+    except Exception as exc:  # the model's own error, re-raised with the input that caused it
+        raise CalibrationDataError(
+            f"the model rejected calibration inputs of shape {tuple(x[:2].shape)} "
+            f"({type(exc).__name__}: {exc}); pass inputs shaped and preprocessed as the model "
+            "expects them"
+        ) from exc
+
+
+def prepare_float(model: nn.Module, x: Tensor, cfg: QuantConfig) -> tuple[nn.Module, Trace, dict]:
+    """Eval-mode copy of `model` with BatchNorm folded, and its trace."""
+    fp = copy.deepcopy(model).eval()
+    trace = _trace(fp, x)
+    folded = fold_batchnorms(fp, trace) if cfg.fold_bn else {}
+    if folded:
+        trace = _trace(fp, x)
+    return fp, trace, folded
+
+
+def quantize(
+    model: nn.Module, calib: Any, config: QuantConfig | None = None, *, progress: bool = False
+) -> nn.Module:
+    """Quantize `model`'s weights with AdaRound (or nearest rounding) and return a new module.
+
+    Example:
+        >>> cfg = QuantConfig(weight_bits=4, iters=10)
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+        >>> qnet = quantize(net, torch.randn(64, 3, 6, 6), cfg)
+    """
+    cfg = config or QuantConfig()
+    check_finite_weights(model)
+    device = model_device(model)
+    x = collect_calibration(calib).to(device)
+    if cfg.rounding == "adaround" and x.shape[0] < cfg.batch_size:
+        raise CalibrationDataError(
+            f"calibration data has {x.shape[0]} samples, fewer than batch_size={cfg.batch_size}: "
+            "pass more samples (hundreds) or lower batch_size"
+        )
+    fp, trace, folded = prepare_float(model, x, cfg)
+    plans = plan_layers(fp, trace, cfg)
+    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    report = _round_layers(fp, qmodel, plans, x, cfg, progress)
+    qmodel.eval()
+    setattr(qmodel, META_ATTR, {
+        "config": cfg.to_dict(),
+        "folded": folded,
+        "layers": {p.name: p.bits for p in plans},
+    })
+    setattr(qmodel, REPORT_ATTR, report)
+    return qmodel
+
+
+def _round_layers(
+    fp: nn.Module,
+    qmodel: nn.Module,
+    plans: list[LayerPlan],
+    x: Tensor,
+    cfg: QuantConfig,
+    progress: bool,
+) -> list[LayerResult]:
+    batches = list(x.split(FORWARD_BATCH))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    report: list[LayerResult] = []
+    bar = tqdm(plans, desc="layers", unit="layer", disable=not progress)
+    for plan in bar:
+        qlayer = qmodel.get_submodule(plan.name)
+        assert isinstance(qlayer, QuantLayer)
+        if cfg.rounding == "nearest" or not plan.reconstructable:
+            qlayer.set_codes(qlayer.nearest_codes())
+            continue
+        activation = plan.info.activation if (plan.info and cfg.loss_after_activation) else None
+        xq, target = collect_layer_data(fp, qmodel, plan.name, batches, activation)
+        result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
+                                progress)
+        del xq, target
+        report.append(result)
+        act = plan.info.activation_name if plan.info else None
+        log.info(
+            "%s (W%d%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, %.1fs",
+            plan.name, plan.bits, f", loss after {act}" if activation is not None else "",
+            result.loss_nearest, result.loss_adaround, 100 * result.flipped, result.seconds,
+        )
+    return report

@@ -1,0 +1,84 @@
+"""Turn what users pass as calibration data into one checked tensor of inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from adaround.errors import CalibrationDataError, ModelError
+
+EMPTY = "calibration data is empty: pass a few hundred unlabelled inputs (the paper uses 1024)"
+
+
+def _input_of(batch: Any) -> Tensor:
+    if isinstance(batch, np.ndarray):
+        return torch.from_numpy(batch)
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (Tensor, np.ndarray)):
+        return _input_of(batch[0])  # (input, label) pairs: labels are ignored
+    raise CalibrationDataError(
+        f"a calibration batch is a {type(batch).__name__}; expected a tensor or an "
+        "(input, label) tuple: pass a tensor, an iterable of tensors or a DataLoader"
+    )
+
+
+def collect_calibration(calib: Any, limit: int | None = None) -> Tensor:
+    """Concatenate the calibration inputs (labels dropped) into one tensor [N, ...]."""
+    if isinstance(calib, (Tensor, np.ndarray)):
+        x = _input_of(calib)
+        if x.dim() == 0:
+            raise CalibrationDataError("calibration data is a scalar: pass a batch of inputs")
+    elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes, dict)):
+        parts: list[Tensor] = []
+        count = 0
+        for batch in calib:
+            part = _input_of(batch)
+            if parts and part.shape[1:] != parts[0].shape[1:]:
+                raise CalibrationDataError(
+                    f"calibration batches disagree in shape: {tuple(parts[0].shape[1:])} then "
+                    f"{tuple(part.shape[1:])} per sample; resize the inputs to one shape"
+                )
+            parts.append(part)
+            count += part.shape[0] if part.dim() else 1
+            if limit is not None and count >= limit:
+                break
+        if not parts:
+            raise CalibrationDataError(EMPTY)
+        x = torch.cat([p.to(parts[0].device) for p in parts])
+    else:
+        raise CalibrationDataError(
+            f"calibration data of type {type(calib).__name__} is not supported: pass a tensor, "
+            "an iterable of tensors or (input, label) tuples, or a DataLoader"
+        )
+    if limit is not None:
+        x = x[:limit]
+    if x.shape[0] == 0:
+        raise CalibrationDataError(EMPTY)
+    if x.is_floating_point():
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise CalibrationDataError(
+                f"calibration data holds {bad} NaN/Inf values: clean or drop those samples"
+            )
+    return x
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or Inf."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(
+                f"{name} holds NaN/Inf values: the model is broken; load valid weights before "
+                "quantizing"
+            )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,129 @@
+"""Quantization settings: one frozen dataclass, validated at construction.
+
+The defaults are the AdaRound paper's: symmetric 4-bit weights, one scale per tensor chosen by
+an MSE grid search, 10k iterations per layer at batch 32, Adam lr 1e-3, lambda 0.01, beta
+annealed 20 -> 2 after a 20 % warm start, loss taken after the following activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from adaround.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+ROUNDING_MODES = ("adaround", "nearest")
+SCALE_METHODS = ("mse", "minmax")
+BETA_DECAYS = ("cosine", "linear")
+
+
+def _check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{name}={value} is out of range: use a value {bound}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported: choose one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a network's weights.
+
+    Example:
+        >>> cfg = QuantConfig(weight_bits=3, per_channel=True)
+        >>> cfg.rounding
+        'adaround'
+    """
+
+    weight_bits: int = 4
+    per_channel: bool = False
+    symmetric: bool = True
+    rounding: str = "adaround"
+    iters: int = 10000
+    batch_size: int = 32
+    seed: int = 0
+    scale_method: str = "mse"
+    lr: float = 1e-3
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warm_start: float = 0.2
+    beta_decay: str = "cosine"
+    loss_after_activation: bool = True
+    first_last_bits: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    fold_bn: bool = True
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        _check_int_range("weight_bits", self.weight_bits, 2, 8)
+        if self.first_last_bits is not None:
+            _check_int_range("first_last_bits", self.first_last_bits, 2, 8)
+        _check_choice("rounding", self.rounding, ROUNDING_MODES)
+        _check_choice("scale_method", self.scale_method, SCALE_METHODS)
+        _check_choice("beta_decay", self.beta_decay, BETA_DECAYS)
+        _check_int_range("iters", self.iters, 1)
+        _check_int_range("batch_size", self.batch_size, 1)
+        _check_int_range("seed", self.seed, 0)
+        _check_positive("lr", self.lr)
+        _check_positive("reg_weight", self.reg_weight, allow_zero=True)
+        _check_positive("beta_start", self.beta_start)
+        _check_positive("beta_end", self.beta_end)
+        if self.beta_end > self.beta_start:
+            raise ConfigError(
+                f"beta_end={self.beta_end} exceeds beta_start={self.beta_start}: beta is "
+                "annealed from high to low, swap the two values"
+            )
+        if not 0.0 <= self.warm_start < 1.0:
+            raise ConfigError(f"warm_start={self.warm_start} must be in [0, 1)")
+        for name in ("per_channel", "symmetric", "loss_after_activation", "fold_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be a sequence of module-name patterns")
+            else:
+                object.__setattr__(self, name, tuple(value))
+        if self.version > CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {self.version} is newer than this library's "
+                f"({CONFIG_VERSION}): upgrade adaround"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["include"] = list(self.include)
+        data["exclude"] = list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
+            )
+        values = dict(data)
+        for name in ("include", "exclude"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)

@@ -1,0 +1,23 @@
+"""Errors raised for bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class AdaRoundError(ValueError):
+    """Base class of every error this library raises for bad input."""
+
+
+class ConfigError(AdaRoundError):
+    """An option has a value outside what it accepts."""
+
+
+class CalibrationDataError(AdaRoundError):
+    """The calibration data is empty, too small, malformed or not finite."""
+
+
+class ModelError(AdaRoundError):
+    """The model cannot be quantized as given (no quantizable layer, NaN weights, ...)."""
+
+
+class SaveFileError(AdaRoundError):
+    """A saved quantized model cannot be loaded into the given network."""

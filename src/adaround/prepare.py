@@ -1,0 +1,133 @@
+"""Preparation: fold BatchNorm, choose the layers to quantize, swap in QuantLayer twins."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaround.config import QuantConfig
+from adaround.errors import ModelError
+from adaround.nn.quant_layer import QUANTIZABLE, QuantLayer, output_channel_axis
+from adaround.trace import LayerInfo, Trace
+
+log = logging.getLogger(__name__)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+@torch.no_grad()
+def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold an eval-mode BatchNorm into the preceding layer's weight and bias."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = gamma / std
+    axis = output_channel_axis(layer)
+    shape = [1] * layer.weight.dim()
+    shape[axis] = -1
+    layer.weight.mul_(factor.reshape(shape))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * factor + beta
+    layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+
+
+def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        return False
+    groups = getattr(layer, "groups", 1)
+    transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    return not (transposed and groups != 1)
+
+
+def fold_batchnorms(model: nn.Module, trace: Trace) -> dict[str, str]:
+    """Fold every BatchNorm that is the sole consumer of a layer's output; returns the pairs."""
+    folded: dict[str, str] = {}
+    for info in trace.layers:
+        if info.batchnorm is None:
+            continue
+        layer, bn = model.get_submodule(info.name), model.get_submodule(info.batchnorm)
+        if isinstance(layer, QuantLayer) or not _foldable(layer, bn):
+            continue
+        fold_bn_into(layer, bn)
+        set_submodule(model, info.batchnorm, nn.Identity())
+        folded[info.name] = info.batchnorm
+    return folded
+
+
+def apply_folds(model: nn.Module, folded: dict[str, str]) -> None:
+    """Repeat a recorded folding on a fresh copy of the same architecture (used by load)."""
+    for layer_name, bn_name in folded.items():
+        fold_bn_into(model.get_submodule(layer_name), model.get_submodule(bn_name))
+        set_submodule(model, bn_name, nn.Identity())
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    bits: int
+    info: LayerInfo | None  # None when the forward pass never called the layer
+
+    @property
+    def reconstructable(self) -> bool:
+        return self.info is not None and self.info.calls == 1
+
+
+def _selected(name: str, cfg: QuantConfig) -> bool:
+    if cfg.include and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
+
+
+def plan_layers(model: nn.Module, trace: Trace, cfg: QuantConfig) -> list[LayerPlan]:
+    """Layers to quantize with their bit width, in execution order (unused layers last)."""
+    candidates = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    if not candidates:
+        raise ModelError(
+            f"{type(model).__name__} has no quantizable layer: adaround quantizes Conv1d/2d/3d, "
+            "ConvTranspose1d/2d/3d and Linear modules (functional convolutions are not seen)"
+        )
+    infos = {info.name: info for info in trace.layers}
+    executed = [n for n in trace.names() if _selected(n, cfg)]
+    unused = [n for n in candidates if n not in infos and _selected(n, cfg)]
+    if not executed and not unused:
+        raise ModelError(
+            f"include={list(cfg.include)} / exclude={list(cfg.exclude)} leave no layer to "
+            f"quantize; the quantizable layers are: {', '.join(candidates[:10])}"
+        )
+    for name in unused:
+        log.warning("layer %s is never called in forward: rounded to nearest", name)
+    ends = {trace.names()[0], trace.names()[-1]} if trace.layers else set()
+    plans = []
+    for name in executed + unused:
+        bits = cfg.first_last_bits if cfg.first_last_bits and name in ends else cfg.weight_bits
+        plans.append(LayerPlan(name, bits, infos.get(name)))
+        info = infos.get(name)
+        if info is not None and info.calls > 1:
+            log.warning("layer %s is called %d times per forward: rounded to nearest",
+                        name, info.calls)
+    return plans
+
+
+def swap_in_quant_layers(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig,
+                         fit: bool = True) -> nn.Module:
+    """Replace each planned layer by a QuantLayer (grid fitted to its weights when `fit`).
+
+    Returns the model, which is itself the QuantLayer when the model is a single layer.
+    """
+    for plan in plans:
+        qlayer = QuantLayer(model.get_submodule(plan.name), plan.bits, cfg.symmetric,
+                            cfg.per_channel)
+        if fit:
+            qlayer.fit_grid(cfg.scale_method)
+        if not plan.name:
+            return qlayer
+        set_submodule(model, plan.name, qlayer)
+    return model

@@ -1,0 +1,62 @@
+"""Inputs and targets of one layer, captured from the FP and the partly quantized network.
+
+Asymmetric reconstruction (paper, eq. 25): the layer's input x^ comes from the network whose
+earlier layers are already rounded, its target f_a(W x) from the FP network. Each forward pass
+stops as soon as the layer has been reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _Reached(Exception):
+    """Raised by a hook to stop the forward pass once the layer's input is captured."""
+
+
+@contextmanager
+def _capture_input(module: nn.Module, sink: list[Tensor]) -> Iterator[None]:
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        sink.append(args[0].detach())
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _layer_inputs(model: nn.Module, layer: nn.Module, batches: list[Tensor]) -> Tensor:
+    inputs: list[Tensor] = []
+    with torch.no_grad(), _capture_input(layer, inputs):
+        for batch in batches:
+            try:
+                model(batch)
+            except _Reached:
+                pass
+    return torch.cat(inputs)
+
+
+def collect_layer_data(
+    fp_model: nn.Module,
+    q_model: nn.Module,
+    name: str,
+    batches: list[Tensor],
+    activation: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """(x^, target): the layer's quantized-stream input and f_a(W x) from the FP stream."""
+    fp_layer = fp_model.get_submodule(name)
+    x_fp = _layer_inputs(fp_model, fp_layer, batches)
+    with torch.no_grad():
+        target = torch.cat([fp_layer(chunk) for chunk in x_fp.split(256)])
+        if activation is not None:
+            target = activation(target)
+    del x_fp
+    x_q = _layer_inputs(q_model, q_model.get_submodule(name), batches)
+    return x_q, target
