@@ -1,0 +1,115 @@
+"""Classification accuracy of a model on in-memory tensors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["accuracy", "model_device", "predictions"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (or buffer); CPU for a model without tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every submodule's own training flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _logits(out: object) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(f"cannot take class scores from a model output of type {type(out).__name__}")
+
+
+def _batches(
+    model: nn.Module, x: Tensor, batch_size: int, progress: bool, desc: str
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(start, scores)`` per batch, scores as float32 on the CPU (no grad, eval mode)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = len(x)
+    if n == 0:
+        raise ValueError("no samples to evaluate (x is empty)")
+    device = model_device(model)
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", total=len(starts), leave=False)
+    with torch.no_grad(), _eval_mode(model):
+        for start in starts:
+            xb = x[start : start + batch_size].to(device, non_blocking=True)
+            yield start, _logits(model(xb)).float().cpu()
+
+
+def predictions(
+    model: nn.Module, x: Tensor, batch_size: int = 256, progress: bool = False
+) -> Tensor:
+    """Top-1 class index of every sample of ``x`` (int64, CPU), computed in eval mode."""
+    out = torch.empty(len(x), dtype=torch.long)
+    for start, scores in _batches(model, x, batch_size, progress, "predict"):
+        out[start : start + len(scores)] = scores.argmax(dim=1)
+    return out
+
+
+def accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 256,
+    topk: Sequence[int] = (1,),
+    progress: bool = False,
+) -> dict[int, float]:
+    """Top-k accuracy in percent, ``{k: acc}`` for each ``k`` in ``topk``.
+
+    Batches are moved to the model's device; the model runs under ``no_grad`` in eval mode and
+    every submodule's training flag is restored afterwards. ``progress`` shows a tqdm bar.
+    """
+    y = torch.as_tensor(y).reshape(-1).long().cpu()
+    if len(y) != len(x):
+        raise ValueError(f"{len(y)} labels for {len(x)} samples")
+    ks = sorted({int(k) for k in topk})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"topk must hold positive integers, got {tuple(topk)}")
+    correct = dict.fromkeys(ks, 0)
+    for start, scores in _batches(model, x, batch_size, progress, "evaluate"):
+        if scores.ndim != 2:
+            raise ValueError(f"expected (batch, classes) model outputs, got {tuple(scores.shape)}")
+        if ks[-1] > scores.shape[1]:
+            raise ValueError(f"top-{ks[-1]} accuracy needs more than {scores.shape[1]} classes")
+        top = scores.topk(ks[-1], dim=1).indices
+        hit = top.eq(y[start : start + len(scores)].unsqueeze(1))
+        for k in ks:
+            correct[k] += int(hit[:, :k].any(dim=1).sum())
+    result = {k: 100.0 * correct[k] / len(x) for k in ks}
+    logger.info(
+        "accuracy on %d samples: %s",
+        len(x),
+        ", ".join(f"top-{k} {v:.2f}%" for k, v in result.items()),
+    )
+    return result
