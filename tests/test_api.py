@@ -123,3 +123,24 @@ def test_load_refuses_other_architecture_newer_format_and_garbage(tmp_path) -> N
     (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(adaround.SaveFileError, match="not a readable"):
         adaround.load(tmp_path / "bad.pt", tiny_resnet())
+
+
+class SamePadConv(nn.Conv2d):
+    """A Conv2d subclass whose forward pads first, like TF-style 'same' convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 4, 3, stride=2, padding=0)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(self.pad(x), self.weight, self.bias, self.stride)
+
+
+def test_conv_subclass_with_its_own_forward_keeps_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePadConv(), nn.ReLU())
+    x = images(64)
+    qmodel = adaround.quantize(model, x, QuantConfig(weight_bits=8, iters=50, batch_size=16))
+    with torch.no_grad():
+        assert qmodel(x).shape == model(x).shape == (64, 4, 4, 4)
+        torch.testing.assert_close(qmodel(x), model(x), atol=0.02, rtol=0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from adaround.primitives import dequantize, int_range, quantize_nearest
 from adaround.quantizers import broadcast_shape, fit_grid
@@ -12,6 +13,7 @@ from adaround.quantizers import broadcast_shape, fit_grid
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 QUANTIZABLE: tuple[type[nn.Module], ...] = (*_CONV, *_CONV_T, nn.Linear)
+_STANDARD_FORWARDS = {cls.forward for cls in QUANTIZABLE}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 MODES = ("float", "quantized")
@@ -25,7 +27,13 @@ def output_channel_axis(layer: nn.Module) -> int:
 
 
 def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """Run `layer`'s operation with `weight` in place of its own."""
+    """Run `layer`'s operation with `weight` in place of its own.
+
+    Subclasses with their own forward (e.g. TF-style "same" padding convolutions) run that
+    forward with the weight swapped in; the standard layers take a direct functional path.
+    """
+    if type(layer).forward not in _STANDARD_FORWARDS:
+        return functional_call(layer, {"weight": weight}, (x,))
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, layer.bias)
     if isinstance(layer, _CONV):

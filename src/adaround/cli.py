@@ -1,0 +1,215 @@
+"""`adaround` command line: quantize, evaluate, demo. Thin: arguments -> config -> API.
+
+Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from adaround.config import QuantConfig
+from adaround.errors import AdaRoundError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+log = logging.getLogger("adaround")
+
+
+class UsageError(AdaRoundError):
+    """A command-line argument that cannot be used as given."""
+
+
+def load_model(ref: str, weights: str | None) -> nn.Module:
+    """Build a model from `package.module:factory`, then load an optional weights file."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"model reference {ref!r} must look like package.module:factory")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r} ({exc}): check the model reference "
+                         "and that its package is installed or on PYTHONPATH") from exc
+    except AttributeError as exc:
+        raise UsageError(f"{module_name} has no attribute {attr!r}: check the model reference")\
+            from exc
+    model = factory() if callable(factory) else factory
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{ref} gave a {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        from adaround.models.weights import load_weights
+
+        model = load_weights(model, weights)
+    return model.eval()
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise UsageError(f"{text!r} is not a comma-separated list of numbers") from exc
+
+
+def load_data(args: argparse.Namespace, path: str, limit: int | None, offset: int = 0
+              ) -> tuple[Tensor, Tensor | None]:
+    """Inputs (and labels, where the file has them) from a tensor file or an image folder."""
+    from adaround.data.files import load_array_file, load_image_folder
+
+    mean, std = _floats(args.mean), _floats(args.std)
+    if Path(path).is_dir():
+        return load_image_folder(path, size=args.image_size, resize=args.resize, mean=mean,
+                                 std=std, limit=limit, offset=offset)
+    return load_array_file(path, mean=mean, std=std, limit=limit, offset=offset)
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    return QuantConfig(
+        weight_bits=args.bits, per_channel=args.per_channel, symmetric=not args.asymmetric,
+        rounding=args.rounding, iters=args.iters, batch_size=args.batch_size, seed=args.seed,
+        scale_method=args.scale_method, first_last_bits=args.first_last_bits,
+        include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
+        loss_after_activation=not args.no_activation_loss,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import adaround
+
+    cfg = config_from_args(args)
+    model = load_model(args.model, args.weights)
+    calib, _ = load_data(args, args.calib, args.num_calib, args.calib_offset)
+    log.info("calibrating on %d samples of shape %s; %s", len(calib), tuple(calib.shape[1:]), cfg)
+    start = time.perf_counter()
+    qmodel = adaround.quantize(model, calib, cfg, progress=not args.quiet)
+    adaround.save(qmodel, args.output)
+    print(f"quantized {len(qmodel.adaround_meta['layers'])} layers in "
+          f"{time.perf_counter() - start:.1f}s -> {args.output}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import adaround
+    from adaround.evaluate import accuracy
+
+    model = load_model(args.model, args.weights)
+    if args.quantized:
+        model = adaround.load(args.quantized, model)
+    x, y = load_data(args, args.data, args.limit)
+    if y is None:
+        raise UsageError(f"{args.data} has no labels: evaluation needs a labelled set")
+    top = accuracy(model, x, y, topk=(1, 5) if _num_classes(model, x) > 5 else (1,),
+                   progress=not args.quiet)
+    print("  ".join(f"top-{k}: {v:.2f}%" for k, v in top.items()) + f"  ({len(x)} samples)")
+    return EXIT_OK
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[-1])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from adaround.demo import format_table, run_demo
+
+    rows = run_demo(bits=tuple(args.bits), iters=args.iters, n_calib=args.num_calib,
+                    progress=not args.quiet)
+    print(format_table(rows))
+    return EXIT_OK
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mean", help="per-channel mean to subtract, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", help="per-channel std to divide by, e.g. 0.229,0.224,0.225")
+    p.add_argument("--image-size", type=int, default=224, help="centre crop of image folders")
+    p.add_argument("--resize", type=int, default=256, help="short side before the crop")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model factory as package.module:function")
+    p.add_argument("--weights", help="state-dict file to load into the model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaround", description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or logs")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = QuantConfig()
+
+    q = sub.add_parser("quantize", help="quantize a model's weights and save the result")
+    _add_model_options(q)
+    q.add_argument("--calib", required=True, help=".npz/.pt/.npy file or folder of images")
+    q.add_argument("--num-calib", type=int, default=1024, help="calibration samples (1024)")
+    q.add_argument("--calib-offset", type=int, default=0, help="skip this many samples first")
+    q.add_argument("--output", "-o", required=True, help="where to write the quantized model")
+    q.add_argument("--bits", type=int, default=d.weight_bits, help="weight bits, 2-8 (4)")
+    q.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    q.add_argument("--asymmetric", action="store_true", help="unsigned grid with zero point")
+    q.add_argument("--rounding", choices=["adaround", "nearest"], default=d.rounding)
+    q.add_argument("--iters", type=int, default=d.iters, help="iterations per layer (10000)")
+    q.add_argument("--batch-size", type=int, default=d.batch_size)
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--scale-method", choices=["mse", "minmax"], default=d.scale_method)
+    q.add_argument("--first-last-bits", type=int, help="keep first/last layer at these bits")
+    q.add_argument("--include", action="append", default=[], help="module-name glob to include")
+    q.add_argument("--exclude", action="append", default=[], help="module-name glob to skip")
+    q.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm")
+    q.add_argument("--no-activation-loss", action="store_true",
+                   help="take the loss before the following activation")
+    _add_data_options(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("evaluate", help="top-1 (top-5) accuracy of an FP or quantized model")
+    _add_model_options(e)
+    e.add_argument("--quantized", help="file written by `adaround quantize`")
+    e.add_argument("--data", required=True, help="labelled .npz/.pt file or image folder")
+    e.add_argument("--limit", type=int, help="evaluate on the first N samples only")
+    _add_data_options(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("demo", help="FP / nearest / AdaRound on Fashion-MNIST, offline")
+    m.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    m.add_argument("--iters", type=int, default=None, help="iterations per layer")
+    m.add_argument("--num-calib", type=int, default=None, help="calibration images")
+    m.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("adaround")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logging.getLogger("adaround")]):
+            return int(args.func(args))
+    except (AdaRoundError, ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"adaround: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("adaround: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: keep the traceback for the report
+        log.exception("internal error: %s", exc)
+        return EXIT_INTERNAL
+
