@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -183,25 +185,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
+@contextmanager
+def _terminal_logging(quiet: bool) -> Iterator[None]:
+    """Library logs to stderr as plain lines for the duration of a command, then restored."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("adaround")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    root.propagate = False
+    saved = log.handlers[:], log.level, log.propagate
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with _terminal_logging(args.quiet):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm(loggers=[logging.getLogger("adaround")]):
+        with logging_redirect_tqdm(loggers=[log]):
             return int(args.func(args))
     except (AdaRoundError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"adaround: error: {exc}", file=sys.stderr)
