@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,8 @@ def main() -> int:
         print(f"skipped {args.model}: {exc}")
         return 0
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
     fp = accuracy(model, x_eval, y_eval)[1]
     rows = [(args.model, "FP32", "-", fp, 0.0)]
     print(f"| model | weights | rounding | top-1 % | time s |\n|---|---|---|---|---|\n"
@@ -106,9 +109,10 @@ def main() -> int:
                             "rounding": rounding, "top1": top1, "fp_top1": fp,
                             "seconds": seconds, "num_calib": len(calib), "iters": args.iters,
                             "eval_samples": len(x_eval), "seed": args.seed, "machine": machine,
+                            "commit": commit,
                         }) + "\n")
     print(f"\n{len(calib)} calibration samples, {args.iters} iterations per layer, batch 32, "
-          f"{len(x_eval)} evaluation samples; {machine}")
+          f"{len(x_eval)} evaluation samples; {machine}; commit {commit}")
     return 0
 
 

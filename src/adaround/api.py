@@ -15,7 +15,8 @@ from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
-from adaround.reconstruct import LayerResult, adaround_layer, collect_layer_data
+from adaround.reconstruct import LayerResult, adaround_layer
+from adaround.reconstruct.stream import make_engine
 from adaround.trace import Trace, trace_model
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ def _round_layers(
     cfg: QuantConfig,
     progress: bool,
 ) -> list[LayerResult]:
-    batches = list(x.split(FORWARD_BATCH))
+    names = [p.name for p in plans if p.reconstructable]
+    engine = make_engine(fp, qmodel, list(x.split(FORWARD_BATCH)), names) \
+        if cfg.rounding == "adaround" else None
     generator = torch.Generator().manual_seed(cfg.seed)
     report: list[LayerResult] = []
     bar = tqdm(plans, desc="layers", unit="layer", disable=not progress)
@@ -98,7 +101,8 @@ def _round_layers(
             qlayer.set_codes(qlayer.nearest_codes())
             continue
         activation = plan.info.activation if (plan.info and cfg.loss_after_activation) else None
-        xq, target = collect_layer_data(fp, qmodel, plan.name, batches, activation)
+        assert engine is not None
+        xq, target = engine.layer_data(plan.name, activation)
         result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                 progress)
         del xq, target

@@ -43,6 +43,14 @@ def _layer_inputs(model: nn.Module, layer: nn.Module, batches: list[Tensor]) -> 
     return torch.cat(inputs)
 
 
+def layer_target(layer: nn.Module, x_fp: Tensor,
+                 activation: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """f_a(W x): the FP layer's output on its FP input, after the following activation."""
+    with torch.no_grad():
+        target = torch.cat([layer(chunk) for chunk in x_fp.split(256)])
+        return activation(target) if activation is not None else target
+
+
 def collect_layer_data(
     fp_model: nn.Module,
     q_model: nn.Module,
@@ -52,11 +60,6 @@ def collect_layer_data(
 ) -> tuple[Tensor, Tensor]:
     """(x^, target): the layer's quantized-stream input and f_a(W x) from the FP stream."""
     fp_layer = fp_model.get_submodule(name)
-    x_fp = _layer_inputs(fp_model, fp_layer, batches)
-    with torch.no_grad():
-        target = torch.cat([fp_layer(chunk) for chunk in x_fp.split(256)])
-        if activation is not None:
-            target = activation(target)
-    del x_fp
+    target = layer_target(fp_layer, _layer_inputs(fp_model, fp_layer, batches), activation)
     x_q = _layer_inputs(q_model, q_model.get_submodule(name), batches)
     return x_q, target

@@ -1,0 +1,143 @@
+"""Advance the FP and the quantized activations through the network once, layer by layer.
+
+The network is traced with torch.fx (quantizable layers kept as leaves). Each stream holds,
+for every calibration chunk, the values of the graph nodes that are still needed, and executes
+nodes only up to the next layer to reconstruct. So each layer's inputs come from the cached
+outputs of the layers before it, not from re-running the network from its input: the whole
+calibration costs one network pass per stream instead of one per layer. Values are freed as
+soon as their last user has run.
+
+Networks that torch.fx cannot trace (data-dependent control flow) fall back to
+`RerunEngine`, which runs the network again for every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from adaround.nn.quant_layer import QUANTIZABLE, QuantLayer
+from adaround.reconstruct.cache import collect_layer_data, layer_target
+
+log = logging.getLogger(__name__)
+
+Activation = Callable[[Tensor], Tensor] | None
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (QuantLayer, *QUANTIZABLE)) or super().is_leaf_module(
+            m, module_qualified_name)
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Stream:
+    """Node values of one network for every calibration chunk, advanced node by node."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module, chunks: list[Tensor]) -> None:
+        self.root = root
+        self.nodes = list(graph.nodes)
+        self.chunks = chunks
+        self.envs: list[dict[fx.Node, Any]] = [{} for _ in chunks]
+        self.pos = 0
+        index = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {node: max((index[u] for u in node.users), default=index[node])
+                         for node in self.nodes}
+
+    def run_until(self, stop: int) -> None:
+        """Execute nodes[pos:stop] on every chunk."""
+        with torch.no_grad():
+            for i in range(self.pos, stop):
+                node = self.nodes[i]
+                dead = [n for n in node.all_input_nodes if self.last_use[n] == i]
+                for env, chunk in zip(self.envs, self.chunks):
+                    env[node] = self._execute(node, env, chunk)
+                    for n in dead:
+                        env.pop(n, None)
+                    if not node.users and node.op != "output":
+                        env.pop(node, None)
+        self.pos = max(self.pos, stop)
+
+    def _execute(self, node: fx.Node, env: dict[fx.Node, Any], chunk: Tensor) -> Any:
+        if node.op == "placeholder":
+            return chunk if node is self.nodes[0] else (node.args[0] if node.args else None)
+        if node.op == "get_attr":
+            return _fetch_attr(self.root, str(node.target))
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+        if node.op == "call_method":
+            obj, *rest = args
+            return getattr(obj, str(node.target))(*rest, **kwargs)
+        if node.op == "call_module":
+            return self.root.get_submodule(str(node.target))(*args, **kwargs)
+        return args[0]  # output
+
+    def input_of(self, node: fx.Node) -> Tensor:
+        arg = node.args[0]
+        assert isinstance(arg, fx.Node)
+        return torch.cat([env[arg] for env in self.envs])
+
+
+class GraphEngine:
+    """Layer data from two streams (FP and quantized) that advance together through the graph."""
+
+    def __init__(self, graph: fx.Graph, fp: nn.Module, qmodel: nn.Module,
+                 chunks: list[Tensor]) -> None:
+        self.fp_stream = Stream(graph, fp, chunks)
+        self.q_stream = Stream(graph, qmodel, chunks)
+        self.fp = fp
+        self.position = {}
+        for i, node in enumerate(self.fp_stream.nodes):
+            if node.op == "call_module":
+                self.position.setdefault(str(node.target), i)
+
+    def layer_data(self, name: str, activation: Activation) -> tuple[Tensor, Tensor]:
+        node_index = self.position[name]
+        node = self.fp_stream.nodes[node_index]
+        self.fp_stream.run_until(node_index)
+        self.q_stream.run_until(node_index)
+        target = layer_target(self.fp.get_submodule(name), self.fp_stream.input_of(node),
+                              activation)
+        return self.q_stream.input_of(node), target
+
+
+class RerunEngine:
+    """Fallback: run both networks from their input up to the layer, for every layer."""
+
+    def __init__(self, fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor]) -> None:
+        self.fp, self.qmodel, self.chunks = fp, qmodel, chunks
+
+    def layer_data(self, name: str, activation: Activation) -> tuple[Tensor, Tensor]:
+        return collect_layer_data(self.fp, self.qmodel, name, self.chunks, activation)
+
+
+def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
+                names: list[str]) -> GraphEngine | RerunEngine:
+    """The one-pass engine where torch.fx can trace the network, else the re-run fallback."""
+    try:
+        graph = _LeafTracer().trace(qmodel)
+    except Exception as exc:  # any tracing failure just means: use the slow path
+        log.info("torch.fx cannot trace %s (%s: %s); re-running the network for each layer",
+                 type(qmodel).__name__, type(exc).__name__, str(exc).splitlines()[0][:120])
+        return RerunEngine(fp, qmodel, chunks)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    engine = GraphEngine(graph, fp, qmodel, chunks)
+    order = [engine.position.get(name, -1) for name in names]
+    extra_inputs = any(not p.args for p in placeholders[1:])
+    if extra_inputs or min(order, default=0) < 0 or order != sorted(order):
+        log.info("the traced graph does not match the execution order; re-running the "
+                 "network for each layer instead")
+        return RerunEngine(fp, qmodel, chunks)
+    return engine

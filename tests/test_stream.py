@@ -1,0 +1,61 @@
+import copy
+
+import pytest
+import torch
+from tiny_models import images, sequences, tiny_mixed, tiny_resnet
+from torch import nn
+
+import adaround
+from adaround.api import prepare_float
+from adaround.config import QuantConfig
+from adaround.prepare import plan_layers, swap_in_quant_layers
+from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
+
+
+@pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
+def test_one_pass_engine_gives_the_same_layer_data_as_rerunning(make, data) -> None:  # type: ignore[no-untyped-def]
+    x = data(40)
+    cfg = QuantConfig(weight_bits=3)
+    fp, trace, _ = prepare_float(make(), x, cfg)
+    plans = plan_layers(fp, trace, cfg)
+    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    chunks = list(x.split(16))  # several chunks, the last one partial
+    names = [p.name for p in plans]
+    graph = make_engine(fp, qmodel, chunks, names)
+    rerun = RerunEngine(fp, qmodel, chunks)
+    assert isinstance(graph, GraphEngine)
+    for plan in plans:
+        act = plan.info.activation if plan.info else None
+        xq_graph, t_graph = graph.layer_data(plan.name, act)
+        xq_rerun, t_rerun = rerun.layer_data(plan.name, act)
+        torch.testing.assert_close(xq_graph, xq_rerun, rtol=0, atol=0)
+        torch.testing.assert_close(t_graph, t_rerun, rtol=0, atol=0)
+        layer = qmodel.get_submodule(plan.name)
+        layer.set_codes(layer.nearest_codes())  # later layers see a quantized stream
+    # only live values are kept: at the end at most a handful of tensors per chunk
+    assert all(len(env) <= 4 for env in graph.q_stream.envs)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            y = y * 2
+        return self.b(y)
+
+
+def test_untraceable_network_falls_back_to_rerunning() -> None:
+    torch.manual_seed(0)
+    model = DataDependent()
+    x = torch.randn(64, 4)
+    fp, trace, _ = prepare_float(model, x, QuantConfig())
+    plans = plan_layers(fp, trace, QuantConfig())
+    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, QuantConfig())
+    assert isinstance(make_engine(fp, qmodel, [x], ["a", "b"]), RerunEngine)
+    qmodel = adaround.quantize(model, x, QuantConfig(weight_bits=3, iters=100, batch_size=16))
+    assert [r.name for r in qmodel.adaround_report] == ["a", "b"]
