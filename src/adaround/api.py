@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from typing import Any
 
 import torch
@@ -13,7 +14,6 @@ from tqdm.auto import tqdm
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
 from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
-from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
 from adaround.reconstruct import LayerResult, adaround_layer
 from adaround.reconstruct.stream import make_engine
@@ -80,6 +80,12 @@ def quantize(
     return qmodel
 
 
+def _round_to_nearest(qmodel: nn.Module, plans: list[LayerPlan]) -> None:
+    for plan in plans:
+        qlayer = qmodel.get_submodule(plan.name)
+        qlayer.set_codes(qlayer.nearest_codes())
+
+
 def _round_layers(
     fp: nn.Module,
     qmodel: nn.Module,
@@ -88,29 +94,28 @@ def _round_layers(
     cfg: QuantConfig,
     progress: bool,
 ) -> list[LayerResult]:
+    if cfg.rounding == "nearest":
+        _round_to_nearest(qmodel, plans)
+        return []
     names = [p.name for p in plans if p.reconstructable]
-    engine = make_engine(fp, qmodel, list(x.split(FORWARD_BATCH)), names) \
-        if cfg.rounding == "adaround" else None
+    engine = make_engine(fp, qmodel, list(x.split(FORWARD_BATCH)), names)
     generator = torch.Generator().manual_seed(cfg.seed)
     report: list[LayerResult] = []
-    bar = tqdm(plans, desc="layers", unit="layer", disable=not progress)
-    for plan in bar:
-        qlayer = qmodel.get_submodule(plan.name)
-        assert isinstance(qlayer, QuantLayer)
-        if cfg.rounding == "nearest" or not plan.reconstructable:
-            qlayer.set_codes(qlayer.nearest_codes())
+    for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):
+        if plan.info is None or not plan.reconstructable:
+            _round_to_nearest(qmodel, [plan])
             continue
-        activation = plan.info.activation if (plan.info and cfg.loss_after_activation) else None
-        assert engine is not None
+        start = time.perf_counter()
+        activation = plan.info.activation if cfg.loss_after_activation else None
         xq, target = engine.layer_data(plan.name, activation)
-        result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
-                                progress)
+        result = adaround_layer(plan.name, qmodel.get_submodule(plan.name), xq, target,
+                                activation, cfg, generator, progress, start)
         del xq, target
         report.append(result)
-        act = plan.info.activation_name if plan.info else None
         log.info(
             "%s (W%d%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, %.1fs",
-            plan.name, plan.bits, f", loss after {act}" if activation is not None else "",
+            plan.name, plan.bits,
+            f", loss after {plan.info.activation_name}" if activation is not None else "",
             result.loss_nearest, result.loss_adaround, 100 * result.flipped, result.seconds,
         )
     return report

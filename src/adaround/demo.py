@@ -18,7 +18,7 @@ from adaround.evaluate import accuracy
 
 log = logging.getLogger(__name__)
 
-DEMO_ITERS = 1000
+DEMO_ITERS = 800
 DEMO_CALIB = 512
 
 

@@ -86,7 +86,7 @@ def local_search(qubo: Qubo, init: Tensor) -> Tensor:
 
 
 def anneal(qubo: Qubo, init: Tensor, sweeps: int, generator: torch.Generator,
-           final_ratio: float = 1e-3) -> Tensor:
+           final_ratio: float = 1e-2) -> Tensor:
     """Simulated annealing from `init`, then greedy descent from the best choice seen.
 
     Each sweep proposes every variable once (random order) with Metropolis acceptance; the

@@ -112,9 +112,13 @@ def adaround_layer(
     cfg: QuantConfig,
     generator: torch.Generator,
     progress: bool = False,
+    start: float | None = None,
 ) -> LayerResult:
-    """Optimise the rounding of `qlayer`, store the hard codes, and report the gain."""
-    start = time.perf_counter()
+    """Optimise the rounding of `qlayer`, store the hard codes, and report the gain.
+
+    `start` (a perf_counter reading) lets the caller include its data collection in the time.
+    """
+    start = time.perf_counter() if start is None else start
     nearest = qlayer.nearest_codes()
     codes = optimise_rounding(qlayer, x, target, activation, cfg, generator, progress, name)
     qlayer.set_codes(codes)
