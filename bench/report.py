@@ -1,0 +1,47 @@
+"""Turn the JSON lines written by bench_weights.py into BENCHMARKS.md's markdown tables.
+
+    python bench/report.py bench/results/weights.jsonl
+
+The latest run of each (model, bits, grid, rounding) wins.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ORDER = {"resnet20": 0, "resnet56": 1, "efficientnet_lite0": 2}
+
+
+def load(path: Path) -> list[dict]:
+    latest: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            run = json.loads(line)
+            latest[(run["model"], run["bits"], run["grid"], run["rounding"])] = run
+    return sorted(latest.values(), key=lambda r: (
+        ORDER.get(r["model"], 9), -r["bits"], r["grid"] != "tensor", r["rounding"] != "nearest"))
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| model | weights | grid | rounding | top-1 % | FP top-1 % | delta | time s | "
+             "calib | iters | eval | commit |", "|" + "---|" * 12]
+    for r in runs:
+        delta = r["top1"] - r["fp_top1"]
+        lines.append(
+            f"| {r['model']} | W{r['bits']} | per-{r['grid']} | {r['rounding']} | "
+            f"{r['top1']:.2f} | {r['fp_top1']:.2f} | {delta:+.2f} | {r['seconds']:.0f} | "
+            f"{r['num_calib']} | {r['iters'] if r['rounding'] == 'adaround' else '-'} | "
+            f"{r['eval_samples']} | {r.get('commit', '-')} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/weights.jsonl")
+    print(table(load(path)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
