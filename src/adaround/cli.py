@@ -1,4 +1,4 @@
-"""`adaround` command line: quantize, evaluate, demo. Thin: arguments -> config -> API.
+"""`adaround` command line: quantize, evaluate, demo, analyze. Thin: arguments -> config -> API.
 
 Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted.
 """
@@ -127,6 +127,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _subset(x: Tensor, y: Tensor | None, n: int | None, seed: int
+            ) -> tuple[Tensor, Tensor | None]:
+    """A seeded random subset (files may be sorted by class, so never a prefix)."""
+    if n is None or n >= len(x):
+        return x, y
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[pick], None if y is None else y[pick]
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from adaround.analysis import AnalysisConfig, analyze, format_summary, format_table
+
+    cfg = AnalysisConfig(
+        layer=args.layer, bits=tuple(args.bits), per_channel=args.per_channel,
+        samples=args.samples, hessian=args.hessian, hessian_samples=args.hessian_samples,
+        max_classes=args.max_classes, task_samples=args.task_samples, sweeps=args.sweeps,
+        iters=args.iters, batch_size=args.batch_size, all_layers=not args.no_all_layers,
+        all_layers_iters=args.all_layers_iters, seed=args.seed)
+    model = load_model(args.model, args.weights)
+    calib, calib_y = _subset(*load_data(args, args.calib, None), args.num_calib, args.seed)
+    x_eval, y_eval = _subset(*load_data(args, args.data, None), args.num_eval, args.seed + 1)
+    if y_eval is None:
+        raise UsageError(f"{args.data} has no labels: the analysis needs a labelled set")
+    labelled = calib_y is not None and calib_y.dtype == torch.long and not args.unlabelled
+    ablations = analyze(model, calib, x_eval, y_eval, cfg,
+                        calib_labels=calib_y if labelled else None,
+                        name=args.model.rpartition(":")[2])
+    print("\n\n".join(format_table(a) for a in ablations))
+    if len(ablations) > 1:
+        print("\n" + format_summary(ablations))
+    if args.plot_dir:
+        from adaround.analysis.plot import plot_qubo_vs_accuracy
+
+        for a in ablations:
+            name = f"{a.model}_{a.layer or 'model'}_w{a.bits}.png".replace("/", "_")
+            print(f"plot -> {plot_qubo_vs_accuracy(a, Path(args.plot_dir) / name)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([a.to_dict() for a in ablations], indent=1))
+    return EXIT_OK
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", help="per-channel mean to subtract, e.g. 0.485,0.456,0.406")
     p.add_argument("--std", help="per-channel std to divide by, e.g. 0.229,0.224,0.225")
@@ -176,6 +219,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="evaluate on the first N samples only")
     _add_data_options(e)
     e.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("analyze", help="the paper's first-layer ablation: QUBOs, stochastic "
+                       "rounding, relaxation")
+    _add_model_options(a)
+    a.add_argument("--calib", required=True, help=".npz/.pt/.npy file or folder of images")
+    a.add_argument("--data", required=True, help="labelled evaluation file or image folder")
+    a.add_argument("--num-calib", type=int, default=1024, help="random calibration subset")
+    a.add_argument("--num-eval", type=int, help="random evaluation subset (default: all)")
+    a.add_argument("--unlabelled", action="store_true",
+                   help="ignore calibration labels: task loss against the FP predictions")
+    a.add_argument("--layer", help="module name to analyse (default: the first layer)")
+    a.add_argument("--bits", type=int, nargs="+", default=[4])
+    a.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    a.add_argument("--samples", type=int, default=100, help="stochastic roundings (100)")
+    a.add_argument("--hessian", choices=["gauss_newton", "fisher", "exact"],
+                   default="gauss_newton")
+    a.add_argument("--hessian-samples", type=int, default=512)
+    a.add_argument("--max-classes", type=int, help="Gauss-Newton over the top classes only")
+    a.add_argument("--task-samples", type=int, help="calibration samples for the task loss")
+    a.add_argument("--sweeps", type=int, default=200, help="annealing sweeps of the QUBO solver")
+    a.add_argument("--iters", type=int, default=2000, help="relaxation iterations")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--no-all-layers", action="store_true", help="skip the all-layers runs")
+    a.add_argument("--all-layers-iters", type=int, help="relaxation iterations per layer there")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--plot-dir", help="write the QUBO-vs-accuracy scatter PNGs here")
+    a.add_argument("--json", help="write every result as JSON here")
+    _add_data_options(a)
+    a.set_defaults(func=cmd_analyze)
 
     m = sub.add_parser("demo", help="FP / nearest / AdaRound on Fashion-MNIST, offline")
     m.add_argument("--bits", type=int, nargs="+", default=[4, 3])
