@@ -59,3 +59,28 @@ def test_untraceable_network_falls_back_to_rerunning() -> None:
     assert isinstance(make_engine(fp, qmodel, [x], ["a", "b"]), RerunEngine)
     qmodel = adaround.quantize(model, x, QuantConfig(weight_bits=3, iters=100, batch_size=16))
     assert [r.name for r in qmodel.adaround_report] == ["a", "b"]
+
+
+@pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
+def test_both_engines_give_the_fp_and_quantized_inputs_chunk_by_chunk(make, data) -> None:  # type: ignore[no-untyped-def]
+    x = data(40)
+    cfg = QuantConfig(weight_bits=3)
+    fp, trace, _ = prepare_float(make(), x, cfg)
+    plans = plan_layers(fp, trace, cfg)
+    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    chunks = list(x.split(16))
+    graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
+    rerun = RerunEngine(fp, qmodel, chunks)
+    for plan in plans:
+        xq, _ = graph.layer_data(plan.name, None)
+        for engine in (graph, rerun):
+            pairs = list(engine.input_chunks(plan.name))
+            assert [len(q) for q, _ in pairs] == [16, 16, 8]
+            torch.testing.assert_close(torch.cat([q for q, _ in pairs]), xq, rtol=0, atol=0)
+            layer = fp.get_submodule(plan.name)
+            torch.testing.assert_close(torch.cat([layer(f) for _, f in pairs]),
+                                       graph.layer_data(plan.name, None)[1], rtol=0, atol=0)
+        qlayer = qmodel.get_submodule(plan.name)
+        qlayer.set_codes(qlayer.nearest_codes())
+    first = next(iter(graph.input_chunks(plans[-1].name)))
+    assert not torch.equal(*first)  # the streams differ once earlier layers are rounded

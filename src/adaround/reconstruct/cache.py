@@ -63,3 +63,12 @@ def collect_layer_data(
     target = layer_target(fp_layer, _layer_inputs(fp_model, fp_layer, batches), activation)
     x_q = _layer_inputs(q_model, q_model.get_submodule(name), batches)
     return x_q, target
+
+
+def collect_input_chunks(
+    fp_model: nn.Module, q_model: nn.Module, name: str, batches: list[Tensor]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x^, x) batch by batch: the layer's quantized- and FP-stream inputs, never all at once."""
+    fp_layer, q_layer = fp_model.get_submodule(name), q_model.get_submodule(name)
+    for batch in batches:
+        yield _layer_inputs(q_model, q_layer, [batch]), _layer_inputs(fp_model, fp_layer, [batch])

@@ -14,14 +14,14 @@ Networks that torch.fx cannot trace (data-dependent control flow) fall back to
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
 from adaround.nn.quant_layer import QUANTIZABLE, QuantLayer
-from adaround.reconstruct.cache import collect_layer_data, layer_target
+from adaround.reconstruct.cache import collect_input_chunks, collect_layer_data, layer_target
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,23 @@ class GraphEngine:
             if node.op == "call_module":
                 self.position.setdefault(str(node.target), i)
 
-    def layer_data(self, name: str, activation: Activation) -> tuple[Tensor, Tensor]:
+    def _advance_to(self, name: str) -> fx.Node:
         node_index = self.position[name]
-        node = self.fp_stream.nodes[node_index]
         self.fp_stream.run_until(node_index)
         self.q_stream.run_until(node_index)
+        return self.fp_stream.nodes[node_index]
+
+    def layer_data(self, name: str, activation: Activation) -> tuple[Tensor, Tensor]:
+        node = self._advance_to(name)
         target = layer_target(self.fp.get_submodule(name), self.fp_stream.input_of(node),
                               activation)
         return self.q_stream.input_of(node), target
+
+    def input_chunks(self, name: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x^, x) chunk by chunk: the layer's quantized- and FP-stream inputs, uncopied."""
+        arg = self._advance_to(name).args[0]
+        for q_env, fp_env in zip(self.q_stream.envs, self.fp_stream.envs):
+            yield q_env[arg], fp_env[arg]
 
 
 class RerunEngine:
@@ -121,6 +130,10 @@ class RerunEngine:
 
     def layer_data(self, name: str, activation: Activation) -> tuple[Tensor, Tensor]:
         return collect_layer_data(self.fp, self.qmodel, name, self.chunks, activation)
+
+    def input_chunks(self, name: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x^, x) chunk by chunk, each chunk from its own pair of forward passes."""
+        return collect_input_chunks(self.fp, self.qmodel, name, self.chunks)
 
 
 def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
