@@ -14,9 +14,11 @@ from tqdm.auto import tqdm
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
 from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
+from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
 from adaround.reconstruct import LayerResult, adaround_layer
-from adaround.reconstruct.stream import make_engine
+from adaround.reconstruct.quadratic import Moments, accumulate_moments, supports_quadratic
+from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
 from adaround.trace import Trace, trace_model
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,30 @@ def _round_to_nearest(qmodel: nn.Module, plans: list[LayerPlan]) -> None:
         qlayer.set_codes(qlayer.nearest_codes())
 
 
+def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLayer,
+                   cfg: QuantConfig) -> Moments | None:
+    """The moments of the layer's inputs where cfg.loss asks for them and the layer allows."""
+    if cfg.loss == "sampled":
+        return None
+    if not supports_quadratic(qlayer.layer):
+        log.info("%s: the quadratic loss does not unfold %s; using the sampled loss", name,
+                 type(qlayer.layer).__name__)
+        return None
+    return accumulate_moments(qlayer.layer, engine.input_chunks(name))
+
+
+def _describe(result: LayerResult, cfg: QuantConfig, plan: LayerPlan) -> str:
+    """The loss optimised and the steps run, for the per-layer log line."""
+    steps = f"{result.iters}/{cfg.iters} steps"
+    before = plan.info.activation_name if plan.info is not None else None
+    before = f" before {before}" if before and cfg.loss_after_activation else ""
+    if result.objective == "quadratic":
+        return f"{steps} on the quadratic loss{before}"
+    if result.objective == "quadratic_warmup":
+        return f"{steps}, warm start on the quadratic loss{before}"
+    return steps
+
+
 def _round_layers(
     fp: nn.Module,
     qmodel: nn.Module,
@@ -107,15 +133,19 @@ def _round_layers(
             continue
         start = time.perf_counter()
         activation = plan.info.activation if cfg.loss_after_activation else None
+        qlayer = qmodel.get_submodule(plan.name)
         xq, target = engine.layer_data(plan.name, activation)
-        result = adaround_layer(plan.name, qmodel.get_submodule(plan.name), xq, target,
-                                activation, cfg, generator, progress, start)
-        del xq, target
+        moments = _layer_moments(engine, plan.name, qlayer, cfg)
+        result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
+                                progress, start, moments)
+        del xq, target, moments
         report.append(result)
         log.info(
-            "%s (W%d%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, %.1fs",
+            "%s (W%d%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, "
+            "%s, %.1fs",
             plan.name, plan.bits,
             f", loss after {plan.info.activation_name}" if activation is not None else "",
-            result.loss_nearest, result.loss_adaround, 100 * result.flipped, result.seconds,
+            result.loss_nearest, result.loss_adaround, 100 * result.flipped,
+            _describe(result, cfg, plan), result.seconds,
         )
     return report

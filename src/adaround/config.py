@@ -3,6 +3,12 @@
 The defaults are the AdaRound paper's: symmetric 4-bit weights, one scale per tensor chosen by
 an MSE grid search, 10k iterations per layer at batch 32, Adam lr 1e-3, lambda 0.01, beta
 annealed 20 -> 2 after a 20 % warm start, loss taken after the following activation.
+
+`loss="quadratic"` evaluates the loss on all calibration data at every step, from second
+moments of the layer's inputs; it has no activation inside, so for a layer followed by one it
+is the loss before it ("quadratic_warmup": in the warm start only, the paper's loss after it).
+`early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
+no gradient, and the codes are those of the full run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ CONFIG_VERSION = 1
 ROUNDING_MODES = ("adaround", "nearest")
 SCALE_METHODS = ("mse", "minmax")
 BETA_DECAYS = ("cosine", "linear")
+LOSSES = ("sampled", "quadratic", "quadratic_warmup")
 
 
 def _check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -64,6 +71,8 @@ class QuantConfig:
     warm_start: float = 0.2
     beta_decay: str = "cosine"
     loss_after_activation: bool = True
+    loss: str = "sampled"
+    early_stop: bool = True
     first_last_bits: int | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -77,6 +86,7 @@ class QuantConfig:
         _check_choice("rounding", self.rounding, ROUNDING_MODES)
         _check_choice("scale_method", self.scale_method, SCALE_METHODS)
         _check_choice("beta_decay", self.beta_decay, BETA_DECAYS)
+        _check_choice("loss", self.loss, LOSSES)
         _check_int_range("iters", self.iters, 1)
         _check_int_range("batch_size", self.batch_size, 1)
         _check_int_range("seed", self.seed, 0)
@@ -91,7 +101,8 @@ class QuantConfig:
             )
         if not 0.0 <= self.warm_start < 1.0:
             raise ConfigError(f"warm_start={self.warm_start} must be in [0, 1)")
-        for name in ("per_channel", "symmetric", "loss_after_activation", "fold_bn"):
+        for name in ("per_channel", "symmetric", "loss_after_activation", "early_stop",
+                     "fold_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("include", "exclude"):

@@ -22,8 +22,11 @@ from adaround.primitives import (
     round_regularizer,
     soft_weight,
 )
+from adaround.reconstruct.quadratic import Moments, quadratic_loss, weight_rows
 
 EVAL_SAMPLES = 1024
+STOP_CHECK = 10  # steps between two reads of the early-stop counter (a device sync each)
+STOP_WINDOW = 100  # steps every h(V) must stay at 0 or 1 before a layer stops early
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,9 @@ class LayerResult:
     loss_nearest: float
     loss_adaround: float
     flipped: float  # share of weights rounded differently from nearest
-    iters: int
+    iters: int  # steps run: fewer than cfg.iters after an early stop
     seconds: float
+    objective: str = "sampled"  # the loss optimised: "sampled", "quadratic", "quadratic_warmup"
 
 
 @torch.no_grad()
@@ -66,6 +70,131 @@ def fast_layout(t: Tensor) -> Tensor:
     return t
 
 
+class SampledLoss:
+    """The paper's loss: `reconstruction_loss` on a random batch of the cached (x^, target)."""
+
+    def __init__(self, qlayer: QuantLayer, x: Tensor, target: Tensor,
+                 activation: Callable[[Tensor], Tensor] | None, batch_size: int,
+                 generator: torch.Generator) -> None:
+        self.layer, self.channel_dim, self.activation = qlayer.layer, qlayer.channel_dim, activation
+        self.x, self.target = fast_layout(x), fast_layout(target)
+        self.batch_size, self.generator = min(batch_size, x.shape[0]), generator
+
+    def _draw(self, count: int) -> Tensor:
+        return torch.randint(self.x.shape[0], (count,), generator=self.generator)
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        idx = self._draw(self.batch_size).to(self.x.device)
+        out = apply_layer(self.layer, self.x[idx], weight)
+        if self.activation is not None:
+            out = self.activation(out)
+        return reconstruction_loss(out, self.target[idx], self.channel_dim)
+
+    def skip(self, steps: int) -> None:
+        """Draw the batches of `steps` skipped steps: the generator is shared by all layers, so
+        the layers after an early stop see the same batches as after a full run."""
+        self._draw(steps * self.batch_size)
+
+
+class QuadraticLoss:
+    """The loss on all calibration data at once, from the moments of the layer's inputs."""
+
+    def __init__(self, qlayer: QuantLayer, moments: Moments) -> None:
+        self.layer, self.moments = qlayer.layer, moments
+        self.w = weight_rows(self.layer, self.layer.weight.detach())
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        return quadratic_loss(self.moments, weight_rows(self.layer, weight) - self.w)
+
+    def skip(self, steps: int) -> None:
+        pass
+
+
+Loss = SampledLoss | QuadraticLoss
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss of each step: `warmup` for steps before `switch` (if given), `main` after."""
+
+    main: Loss
+    warmup: Loss | None = None
+    switch: int = 0
+
+    def at(self, step: int) -> Loss:
+        return self.warmup if self.warmup is not None and step < self.switch else self.main
+
+
+def make_objective(qlayer: QuantLayer, x: Tensor, target: Tensor,
+                   activation: Callable[[Tensor], Tensor] | None, cfg: QuantConfig,
+                   generator: torch.Generator, moments: Moments | None) -> Objective:
+    """`cfg.loss` for this layer; the sampled loss wherever there are no moments."""
+    sampled = SampledLoss(qlayer, x, target, activation, cfg.batch_size, generator)
+    if moments is None or cfg.loss == "sampled":
+        return Objective(sampled)
+    if cfg.loss == "quadratic":
+        return Objective(QuadraticLoss(qlayer, moments))
+    return Objective(sampled, QuadraticLoss(qlayer, moments), int(cfg.warm_start * cfg.iters))
+
+
+class EarlyStop:
+    """Says stop once every h(V) has been exactly 0 or 1 at every step of the last STOP_WINDOW.
+
+    Then the relaxed weight is the hard weight, so the loss has settled exactly (not only to a
+    tolerance), and V gets no gradient (h is clipped): all that still moves V is Adam's momentum,
+    which has decayed by 0.9^STOP_WINDOW. h is looked at every STOP_CHECK steps until it is
+    binary, then at every step; the count of soft h is summed on the device and read every
+    STOP_CHECK steps only.
+    """
+
+    def __init__(self) -> None:
+        self.soft: Tensor | None = None
+        self.binary_since: int | None = None
+
+    def update(self, step: int, h: Tensor) -> bool:
+        at_check = (step + 1) % STOP_CHECK == 0
+        if self.binary_since is None and not at_check:
+            return False
+        soft = ((h > 0) & (h < 1)).sum()
+        self.soft = soft if self.soft is None else self.soft + soft
+        if not at_check:
+            return False
+        binary, self.soft = self.soft.item() == 0, None
+        if not binary:
+            self.binary_since = None
+        elif self.binary_since is None:
+            self.binary_since = step
+        return self.binary_since is not None and step + 1 - self.binary_since >= STOP_WINDOW
+
+
+def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
+                 progress: bool = False, desc: str = "") -> tuple[Tensor, int]:
+    """Learn V by Adam on loss + lambda * f_reg; return the hard codes and the steps run."""
+    w = qlayer.layer.weight.detach()
+    scale, zero_point = qlayer.scale, qlayer.zero_point
+    w_floor = torch.floor(w / scale)
+    v = torch.nn.Parameter(init_v(w / scale - w_floor))
+    optimizer = torch.optim.Adam([v], lr=cfg.lr)
+    stop = EarlyStop() if cfg.early_stop else None
+    steps_run = cfg.iters
+    for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
+        h = rectified_sigmoid(v)
+        weight = soft_weight(w_floor, h, scale, zero_point, qlayer.qmin, qlayer.qmax)
+        loss = objective.at(step)(weight)
+        beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
+                       cfg.beta_decay)
+        if beta is not None:
+            loss = loss + cfg.reg_weight * round_regularizer(h, beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if beta is not None and stop is not None and stop.update(step, h.detach()):
+            steps_run = step + 1
+            objective.main.skip(cfg.iters - steps_run)
+            break
+    return hard_codes(w_floor, v.detach(), zero_point, qlayer.qmin, qlayer.qmax), steps_run
+
+
 def optimise_rounding(
     qlayer: QuantLayer,
     x: Tensor,
@@ -75,32 +204,11 @@ def optimise_rounding(
     generator: torch.Generator,
     progress: bool = False,
     desc: str = "",
+    moments: Moments | None = None,
 ) -> Tensor:
-    """Learn V by Adam on reconstruction loss + lambda * f_reg; return the hard codes."""
-    w = qlayer.layer.weight.detach()
-    scale, zero_point = qlayer.scale, qlayer.zero_point
-    w_floor = torch.floor(w / scale)
-    v = torch.nn.Parameter(init_v(w / scale - w_floor))
-    optimizer = torch.optim.Adam([v], lr=cfg.lr)
-    x, target = fast_layout(x), fast_layout(target)
-    n = x.shape[0]
-    steps = tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress)
-    for step in steps:
-        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=generator).to(x.device)
-        h = rectified_sigmoid(v)
-        weight = soft_weight(w_floor, h, scale, zero_point, qlayer.qmin, qlayer.qmax)
-        out = apply_layer(qlayer.layer, x[idx], weight)
-        if activation is not None:
-            out = activation(out)
-        loss = reconstruction_loss(out, target[idx], qlayer.channel_dim)
-        beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
-                       cfg.beta_decay)
-        if beta is not None:
-            loss = loss + cfg.reg_weight * round_regularizer(h, beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return hard_codes(w_floor, v.detach(), zero_point, qlayer.qmin, qlayer.qmax)
+    """The hard codes AdaRound learns for `qlayer` on (x, target) (and `moments`, if given)."""
+    objective = make_objective(qlayer, x, target, activation, cfg, generator, moments)
+    return run_rounding(qlayer, objective, cfg, progress, desc)[0]
 
 
 def adaround_layer(
@@ -113,14 +221,20 @@ def adaround_layer(
     generator: torch.Generator,
     progress: bool = False,
     start: float | None = None,
+    moments: Moments | None = None,
 ) -> LayerResult:
     """Optimise the rounding of `qlayer`, store the hard codes, and report the gain.
 
     `start` (a perf_counter reading) lets the caller include its data collection in the time.
+    With `moments` (of the layer's inputs) and cfg.loss "quadratic" or "quadratic_warmup", the
+    quadratic-form loss replaces the sampled one (in the warm start only, for the latter): it
+    has no activation inside, so for a layer followed by one it is the loss before it. The
+    losses reported are the sampled ones on (x, target) either way.
     """
     start = time.perf_counter() if start is None else start
     nearest = qlayer.nearest_codes()
-    codes = optimise_rounding(qlayer, x, target, activation, cfg, generator, progress, name)
+    objective = make_objective(qlayer, x, target, activation, cfg, generator, moments)
+    codes, steps_run = run_rounding(qlayer, objective, cfg, progress, name)
     qlayer.set_codes(codes)
     xs, ts = x[:EVAL_SAMPLES], target[:EVAL_SAMPLES]
     weight_nearest = dequantize(nearest, qlayer.scale, qlayer.zero_point)
@@ -129,6 +243,7 @@ def adaround_layer(
         loss_nearest=layer_loss(qlayer, weight_nearest, xs, ts, activation),
         loss_adaround=layer_loss(qlayer, qlayer.quantized_weight(), xs, ts, activation),
         flipped=(codes != nearest).float().mean().item(),
-        iters=cfg.iters,
+        iters=steps_run,
         seconds=time.perf_counter() - start,
+        objective="sampled" if moments is None else cfg.loss,
     )

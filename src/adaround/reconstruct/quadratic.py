@@ -1,0 +1,120 @@
+"""The reconstruction loss as a quadratic form in the weights (no activation inside the loss).
+
+At one output position the error of output channel k is  w~_k . x^ - w_k . x  (the bias
+cancels), with x^ and x the layer's input patches in the quantized and the FP stream. With
+dw_k = w~_k - w_k and e = x^ - x:
+
+    E[(w~_k . x^ - w_k . x)^2] = dw_k^T A dw_k + 2 dw_k . r_k + c_k,
+    A = E[x^ x^^T],   r_k = E[(w_k . e) x^],   c_k = E[(w_k . e)^2],
+
+expectations over samples and positions, summed over k: exactly `reconstruction_loss` on the
+whole calibration set. The moments are accumulated once per layer; a step then costs
+O(C_out * d^2) (d = patch length, per group) whatever the number of samples. Writing the form
+in dw and e, not in w~ and x, keeps every term as small as the loss itself, so float32 does
+not lose the loss to cancellation between large terms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PATCH_BUDGET = 2**24  # elements of one block of patches (64 MiB in float32)
+
+
+def supports_quadratic(layer: nn.Module) -> bool:
+    """Linear and Conv1d/2d/3d with their standard forward; ConvTranspose is not unfolded."""
+    standard = type(layer).forward in (nn.Linear.forward, *(c.forward for c in _CONV))
+    return isinstance(layer, (nn.Linear, *_CONV)) and standard
+
+
+def weight_rows(layer: nn.Module, weight: Tensor) -> Tensor:
+    """`weight` as [groups, C_out / groups, d]: one row per output channel, in patch order."""
+    groups = getattr(layer, "groups", 1)
+    return weight.reshape(groups, weight.shape[0] // groups, -1)
+
+
+def patches(layer: nn.Module, x: Tensor) -> Tensor:
+    """The input vectors each output value is a dot product with: [groups, positions, d]."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    nd = x.dim() - 2
+    pad: Any = layer._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    for i in range(nd):  # each unfold appends one kernel axis at the end
+        k, s, dil = layer.kernel_size[i], layer.stride[i], layer.dilation[i]
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)[..., ::dil]
+    n, c, groups = x.shape[0], x.shape[1], layer.groups
+    x = x.reshape(n, groups, c // groups, *x.shape[2:])  # [N, g, C/g, L..., k...]
+    order = [1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)]
+    return x.permute(order).reshape(groups, -1, (c // groups) * math.prod(layer.kernel_size))
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Second moments of one layer's data: loss(w~) = sum dw^T A dw + 2 dw . r + c."""
+
+    a: Tensor  # [groups, d, d]
+    r: Tensor  # [groups, C_out / groups, d]
+    c: Tensor  # scalar
+    count: int  # positions (samples x output positions) averaged over
+
+
+def _blocks(x_q: Tensor, x_fp: Tensor, per_sample: int) -> Iterator[tuple[Tensor, Tensor]]:
+    rows = max(1, PATCH_BUDGET // max(per_sample, 1))
+    yield from zip(x_q.split(rows), x_fp.split(rows))
+
+
+@torch.no_grad()
+def accumulate_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]) -> Moments:
+    """Moments from (x^, x) input chunks, block by block, so only one block of patches lives."""
+    w = weight_rows(layer, layer.weight.detach())
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    w = w.to(dtype)
+    sums: list[Tensor] = []
+    count = 0
+    for x_q, x_fp in chunks:
+        per_sample = patches(layer, x_q[:1]).numel()
+        for bq, bf in _blocks(x_q, x_fp, per_sample):
+            pq = patches(layer, bq.to(dtype))
+            we = torch.bmm(pq - patches(layer, bf.to(dtype)), w.transpose(1, 2))  # [g, P, co]
+            terms = [torch.bmm(pq.transpose(1, 2), pq), torch.bmm(we.transpose(1, 2), pq),
+                     we.pow(2).sum()]
+            # float64 running sums: chunks may be many, and each term is already a long sum
+            sums = [t.double() + s for t, s in zip(terms, sums)] if sums else [
+                t.double() for t in terms]
+            count += pq.shape[1]
+    if not sums:
+        raise ValueError("no calibration data reached the layer")
+    a, r, c = (s.div(count).to(dtype) for s in sums)
+    return Moments(a=(a + a.transpose(1, 2)) / 2, r=r, c=c, count=count)
+
+
+class _QuadraticForm(torch.autograd.Function):
+    """sum(dw * (dw A + 2 r)) + c, with the gradient 2 (dw A + r) from the forward's product:
+    one batched matmul per step instead of the two autograd would run."""
+
+    @staticmethod
+    def forward(ctx: Any, dw: Tensor, a: Tensor, r: Tensor, c: Tensor) -> Tensor:
+        g = torch.baddbmm(r, dw, a)
+        ctx.save_for_backward(g)
+        return (dw * (g + r)).sum() + c
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (g,) = ctx.saved_tensors
+        return 2 * grad * g, None, None, None
+
+
+def quadratic_loss(moments: Moments, dw: Tensor) -> Tensor:
+    """Reconstruction loss of w + dw on all the data the moments came from (dw as weight_rows)."""
+    return _QuadraticForm.apply(dw, moments.a, moments.r, moments.c)

@@ -1,0 +1,127 @@
+import logging
+
+import pytest
+import torch
+from tiny_models import images, sequences, tiny_mixed, tiny_resnet
+from torch import nn
+
+import adaround
+from adaround import QuantConfig, QuantLayer
+from adaround.errors import ConfigError
+from adaround.nn.quant_layer import apply_layer
+from adaround.primitives import init_v, reconstruction_loss, rectified_sigmoid, soft_weight
+from adaround.reconstruct import quadratic
+from adaround.reconstruct.loop import QuadraticLoss
+from adaround.reconstruct.quadratic import (
+    accumulate_moments,
+    quadratic_loss,
+    supports_quadratic,
+    weight_rows,
+)
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(7, 5), (12, 3, 7)),  # leading dims averaged like samples
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2), (6, 4, 11, 9)),
+    "grouped": (lambda: nn.Conv2d(4, 6, (3, 2), padding=(1, 0), groups=2), (6, 4, 8, 9)),
+    "depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 6, 8, 8)),
+    "conv1d": (lambda: nn.Conv1d(3, 5, 4, stride=3, padding=2, dilation=2), (6, 3, 17)),
+    "conv2d_reflect_same": (lambda: nn.Conv2d(3, 4, 3, padding="same", dilation=2,
+                                              padding_mode="reflect"), (6, 3, 7, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1), (4, 2, 5, 6, 4)),
+}
+
+
+def _case(name: str) -> tuple[QuantLayer, torch.Tensor, torch.Tensor]:
+    """A float64 layer on a 3-bit grid, its FP input x and a perturbed quantized-stream x^."""
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    qlayer = QuantLayer(make().double(), bits=3, symmetric=True, per_channel=False)
+    qlayer.fit_grid("mse")
+    x = torch.randn(shape, dtype=torch.float64)
+    return qlayer, x + 0.1 * torch.randn_like(x), x
+
+
+def _sampled_full_batch(qlayer: QuantLayer, weight: torch.Tensor, x_q: torch.Tensor,
+                        x: torch.Tensor) -> torch.Tensor:
+    target = qlayer.layer(x).detach()
+    return reconstruction_loss(apply_layer(qlayer.layer, x_q, weight), target, qlayer.channel_dim)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_quadratic_loss_and_its_gradient_equal_the_full_batch_sampled_loss(name: str) -> None:
+    qlayer, x_q, x = _case(name)
+    chunks = list(zip(x_q.split(4), x.split(4)))  # several chunks, the last one partial
+    loss = QuadraticLoss(qlayer, accumulate_moments(qlayer.layer, chunks))
+    w = qlayer.layer.weight.detach()
+    w_floor = torch.floor(w / qlayer.scale)
+    grads, values = [], []
+    for fn in (lambda wt: _sampled_full_batch(qlayer, wt, x_q, x), loss):
+        v = torch.nn.Parameter(init_v(w / qlayer.scale - w_floor) + 0.3)
+        weight = soft_weight(w_floor, rectified_sigmoid(v), qlayer.scale, qlayer.zero_point,
+                             qlayer.qmin, qlayer.qmax)
+        value = fn(weight)
+        value.backward()
+        values.append(value.item())
+        grads.append(v.grad)
+    assert values[1] == pytest.approx(values[0], rel=1e-10)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+def test_moments_do_not_depend_on_how_the_data_is_cut(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    qlayer, x_q, x = _case("grouped")
+    whole = accumulate_moments(qlayer.layer, [(x_q, x)])
+    monkeypatch.setattr(quadratic, "PATCH_BUDGET", 100)  # blocks of one sample
+    cut = accumulate_moments(qlayer.layer, zip(x_q.split(4), x.split(4)))
+    assert cut.count == whole.count == 6 * 8 * 8
+    for a, b in [(cut.a, whole.a), (cut.r, whole.r), (cut.c, whole.c)]:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_quadratic_form_gradient_is_the_analytic_one() -> None:
+    qlayer, x_q, x = _case("conv2d")
+    moments = accumulate_moments(qlayer.layer, [(x_q, x)])
+    dw = (0.1 * torch.randn_like(weight_rows(qlayer.layer, qlayer.layer.weight))).requires_grad_()
+    assert torch.autograd.gradcheck(lambda d: quadratic_loss(moments, d), (dw,))
+
+
+def test_layers_without_an_unfold_are_left_to_the_sampled_loss() -> None:
+    assert supports_quadratic(nn.Conv2d(2, 2, 3)) and supports_quadratic(nn.Linear(2, 2))
+    assert not supports_quadratic(nn.ConvTranspose2d(2, 2, 2))
+
+    class OwnForward(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x[..., 1:, 1:])
+
+    assert not supports_quadratic(OwnForward(2, 2, 3))
+
+
+def test_quantize_with_the_quadratic_loss_beats_nearest_and_says_so(caplog) -> None:  # type: ignore[no-untyped-def]
+    model, x, test = tiny_resnet(), images(256), images(256, seed=7)
+    with caplog.at_level(logging.INFO, logger="adaround"):
+        qmodel = adaround.quantize(model, x, QuantConfig(weight_bits=3, iters=300,
+                                                         batch_size=16, loss="quadratic"))
+    nearest = adaround.quantize(model, x, QuantConfig(weight_bits=3, rounding="nearest"))
+    with torch.no_grad():
+        assert (qmodel(test) - model(test)).pow(2).mean() < (nearest(test) - model(test)).pow(
+            2).mean()
+    assert {r.objective for r in qmodel.adaround_report} == {"quadratic"}
+    assert "300/300 steps on the quadratic loss before relu" in caplog.text
+
+
+@pytest.mark.parametrize("loss", ["quadratic", "quadratic_warmup"])
+def test_transposed_convolutions_fall_back_to_the_sampled_loss(loss: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.INFO, logger="adaround"):
+        qmodel = adaround.quantize(tiny_mixed(), sequences(64), QuantConfig(
+            weight_bits=4, iters=50, batch_size=16, loss=loss))
+    objectives = {r.name: r.objective for r in qmodel.adaround_report}
+    assert objectives == {"conv1d": loss, "up": "sampled", "fc": loss, "head": loss}
+    assert "up: the quadratic loss does not unfold ConvTranspose2d" in caplog.text
+
+
+def test_loss_options_are_validated() -> None:
+    assert QuantConfig().loss == "sampled"
+    with pytest.raises(ConfigError, match="loss='exact'.*sampled, quadratic, quadratic_warmup"):
+        QuantConfig(loss="exact")
+    with pytest.raises(ConfigError, match="early_stop must be True or False"):
+        QuantConfig(early_stop="yes")  # type: ignore[arg-type]
+    assert QuantConfig.from_dict(QuantConfig(loss="quadratic").to_dict()).loss == "quadratic"
