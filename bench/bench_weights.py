@@ -67,6 +67,8 @@ def main() -> int:
     p.add_argument("--num-calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", choices=["sampled", "quadratic", "quadratic_warmup"],
+                   default="sampled", help="reconstruction loss (sampled: the paper's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = p.parse_args()
@@ -92,7 +94,8 @@ def main() -> int:
         for grid in args.grid:
             for rounding in args.rounding:
                 cfg = adaround.QuantConfig(weight_bits=bits, per_channel=grid == "channel",
-                                           rounding=rounding, iters=args.iters, seed=args.seed)
+                                           rounding=rounding, iters=args.iters, seed=args.seed,
+                                           loss=args.loss)
                 start = time.perf_counter()
                 qmodel = adaround.quantize(model, calib, cfg)
                 seconds = time.perf_counter() - start
@@ -109,7 +112,7 @@ def main() -> int:
                             "rounding": rounding, "top1": top1, "fp_top1": fp,
                             "seconds": seconds, "num_calib": len(calib), "iters": args.iters,
                             "eval_samples": len(x_eval), "seed": args.seed, "machine": machine,
-                            "commit": commit,
+                            "commit": commit, "loss": args.loss,
                         }) + "\n")
     print(f"\n{len(calib)} calibration samples, {args.iters} iterations per layer, batch 32, "
           f"{len(x_eval)} evaluation samples; {machine}; commit {commit}")

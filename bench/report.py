@@ -19,20 +19,22 @@ def load(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             run = json.loads(line)
-            latest[(run["model"], run["bits"], run["grid"], run["rounding"])] = run
+            key = (run["model"], run["bits"], run["grid"], run["rounding"], run.get("loss"))
+            latest[key] = run
     return sorted(latest.values(), key=lambda r: (
         ORDER.get(r["model"], 9), -r["bits"], r["grid"] != "tensor", r["rounding"] != "nearest"))
 
 
 def table(runs: list[dict]) -> str:
     lines = ["| model | weights | grid | rounding | top-1 % | FP top-1 % | delta | time s | "
-             "calib | iters | eval | commit |", "|" + "---|" * 12]
+             "calib | iters | loss | eval | commit |", "|" + "---|" * 13]
     for r in runs:
         delta = r["top1"] - r["fp_top1"]
         lines.append(
             f"| {r['model']} | W{r['bits']} | per-{r['grid']} | {r['rounding']} | "
             f"{r['top1']:.2f} | {r['fp_top1']:.2f} | {delta:+.2f} | {r['seconds']:.0f} | "
             f"{r['num_calib']} | {r['iters'] if r['rounding'] == 'adaround' else '-'} | "
+            f"{r.get('loss', 'sampled') if r['rounding'] == 'adaround' else '-'} | "
             f"{r['eval_samples']} | {r.get('commit', '-')} |")
     return "\n".join(lines)
 

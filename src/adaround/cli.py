@@ -78,7 +78,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         rounding=args.rounding, iters=args.iters, batch_size=args.batch_size, seed=args.seed,
         scale_method=args.scale_method, first_last_bits=args.first_last_bits,
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
-        loss_after_activation=not args.no_activation_loss,
+        loss_after_activation=not args.no_activation_loss, loss=args.loss,
+        early_stop=not args.no_early_stop,
     )
 
 
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm")
     q.add_argument("--no-activation-loss", action="store_true",
                    help="take the loss before the following activation")
+    q.add_argument("--loss", choices=["sampled", "quadratic", "quadratic_warmup"],
+                   default=d.loss, help="sampled: the paper's; quadratic: from second moments, "
+                   "all data every step, before the activation")
+    q.add_argument("--no-early-stop", action="store_true",
+                   help="run every iteration even once the rounding is final")
     _add_data_options(q)
     q.set_defaults(func=cmd_quantize)
 
