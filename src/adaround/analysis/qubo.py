@@ -159,10 +159,11 @@ def input_second_moments(layer: nn.Module, x: Tensor, chunk: int = 32) -> Tensor
     total = torch.zeros(groups, m, m, dtype=torch.float64, device=x.device)
     count = 0
     for xs in x.split(chunk):
-        p = probe(xs).flatten(2).double()  # [B, patch, L]
-        p = p.reshape(p.shape[0], groups, m, p.shape[2])
-        total += torch.einsum("bgil,bgjl->gij", p, p)
-        count += p.shape[0] * p.shape[3]
+        # products in the input's dtype (float64 sums only across chunks): 2x faster in float32
+        p = probe(xs).flatten(2)  # [B, G * m, L]
+        p = p.reshape(p.shape[0], groups, m, -1).permute(1, 2, 0, 3).reshape(groups, m, -1)
+        total += (p @ p.transpose(1, 2)).double()
+        count += p.shape[2]
     return total / count
 
 
