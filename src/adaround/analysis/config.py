@@ -35,6 +35,7 @@ class AnalysisConfig:
     sweeps: int = 200  # simulated-annealing sweeps of the QUBO solver
     iters: int = 2000  # relaxation iterations per layer
     batch_size: int = 32
+    eval_batch_size: int = 32  # forward batches when scoring (small ones stay in cache)
     all_layers: bool = True  # also quantize every layer with local MSE and the relaxation
     all_layers_iters: int | None = None  # relaxation iterations there (None: iters)
     all_layers_sweeps: int = 20
@@ -58,6 +59,7 @@ class AnalysisConfig:
         _check_int_range("all_layers_sweeps", self.all_layers_sweeps, 0)
         _check_int_range("iters", self.iters, 1)
         _check_int_range("batch_size", self.batch_size, 1)
+        _check_int_range("eval_batch_size", self.eval_batch_size, 1)
         _check_int_range("max_dense", self.max_dense, 1)
         _check_int_range("seed", self.seed, 0)
         if self.layer is not None and not isinstance(self.layer, str):

@@ -37,9 +37,10 @@ from adaround.prepare import LayerPlan, plan_layers, swap_in_quant_layers
 log = logging.getLogger(__name__)
 
 
-def top1(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def top1(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 32) -> float:
     """Top-1 accuracy in percent (quietly: this runs hundreds of times)."""
-    return 100.0 * float((predictions(model, x) == y.reshape(-1).cpu()).double().mean())
+    hits = predictions(model, x, batch_size) == y.reshape(-1).cpu()
+    return 100.0 * float(hits.double().mean())
 
 
 class _Scorer:
@@ -57,8 +58,9 @@ class _Scorer:
         d = self.data
         return MethodResult(
             method=method,
-            accuracy=top1(self.qmodel, d["x_eval"], d["y_eval"]),
-            task_loss=task_loss(self.qmodel, d["x_task"], d["labels"], d["targets"]),
+            accuracy=top1(self.qmodel, d["x_eval"], d["y_eval"], d["batch"]),
+            task_loss=task_loss(self.qmodel, d["x_task"], d["labels"], d["targets"],
+                                d["batch"]),
             task_qubo=float(self.qubos["task"].value(up)),
             local_qubo=float(self.qubos["local"].value(up)),
             changed=float((self.grid.codes(up) != self.grid.codes(self.nearest)).double().mean()),
@@ -125,9 +127,11 @@ def analyze(
     n_task = cfg.task_samples or len(x)
     labels = None if calib_labels is None else calib_labels[:n_task]
     data = {"x_eval": x_eval, "y_eval": y_eval, "x_task": x[:n_task], "labels": labels,
-            "targets": None if labels is not None else soft_targets(fp, x[:n_task])}
-    fp_acc = top1(fp, x_eval, y_eval)
-    fp_loss = task_loss(fp, data["x_task"], labels, data["targets"])
+            "targets": None if labels is not None else soft_targets(
+                fp, x[:n_task], cfg.eval_batch_size),
+            "batch": cfg.eval_batch_size}
+    fp_acc = top1(fp, x_eval, y_eval, cfg.eval_batch_size)
+    fp_loss = task_loss(fp, data["x_task"], labels, data["targets"], cfg.eval_batch_size)
     log.info("%s: FP top-1 %.2f%%, task loss %.4g; analysing %s (%d weights)",
              name or type(model).__name__, fp_acc, fp_loss, plan.name, layer.weight.numel())
 
@@ -141,8 +145,10 @@ def analyze(
         max_classes=cfg.max_classes, batch_size=cfg.batch_size, generator=generator,
         max_dense=cfg.max_dense)
     hessian_seconds = time.perf_counter() - start
-    log.info("task-loss Hessian (%s, %d samples) in %.1fs", cfg.hessian,
-             min(cfg.hessian_samples, len(x)), hessian_seconds)
+    # a rank below the weight count leaves directions the QUBO sees as free
+    hessian_rank = int(torch.linalg.matrix_rank(hessian, hermitian=True))
+    log.info("task-loss Hessian (%s, %d samples, rank %d of %d) in %.1fs", cfg.hessian,
+             min(cfg.hessian_samples, len(x)), hessian_rank, len(hessian), hessian_seconds)
 
     layerwise: dict[int, dict[str, nn.Module]] = {}
     if cfg.all_layers:
@@ -153,10 +159,12 @@ def analyze(
     ablations = []
     for bits in cfg.bits:
         methods, stochastic, grid = _ablate(bits, ctx)
-        all_layers = {m: top1(q, x_eval, y_eval) for m, q in layerwise.get(bits, {}).items()}
+        all_layers = {m: top1(q, x_eval, y_eval, cfg.eval_batch_size)
+                      for m, q in layerwise.get(bits, {}).items()}
         settings = {**cfg.to_dict(), "bits": bits, "calibration_samples": len(x),
                     "evaluation_samples": len(x_eval), "task_loss_samples": n_task,
-                    "task_loss_labels": labels is not None, "hessian_seconds": hessian_seconds}
+                    "task_loss_labels": labels is not None, "hessian_seconds": hessian_seconds,
+                    "hessian_rank": hessian_rank}
         ablations.append(Ablation(
             model=name or type(model).__name__, layer=plan.name, bits=bits,
             weights=grid.numel, fp_accuracy=fp_acc, fp_task_loss=fp_loss, methods=methods,
