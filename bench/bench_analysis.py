@@ -14,6 +14,7 @@ import argparse
 import ctypes
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -48,6 +49,16 @@ def keep_freed_memory() -> None:
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         log.info("not glibc: allocator left as it is")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def _subset(n: int, total: int, seed: int) -> torch.Tensor:
@@ -201,8 +212,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
-    machine = (f"{platform.machine()} {platform.processor() or ''}, "
-               f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
+    machine = (f"{_cpu_name()} ({platform.machine()}, {os.cpu_count()} cores, shared with other "
+               f"jobs), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
     start = time.perf_counter()
     ablations: list[Ablation] = []
     runners = {"resnet20": run_resnet20, "efficientnet_lite0": run_effnet}

@@ -39,7 +39,7 @@ def plot_qubo_vs_accuracy(ablation: Ablation, path: str | Path, dpi: int = 100) 
                        edgecolors="black", linewidths=0.6, label=METHODS[method], zorder=3)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 % (only this layer quantized)")
-        ax.set_title(f"Pearson r = {pearson(values, acc):+.2f}", fontsize=9)
+        ax.set_title(f"stochastic samples: Pearson r = {pearson(values, acc):+.2f}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{ablation.model}, {ablation.layer}, W{ablation.bits}: rounding vs accuracy",
