@@ -30,8 +30,9 @@ def _float64():  # type: ignore[no-untyped-def]
     torch.set_default_dtype(saved)
 
 
-def _grid(layer: nn.Module, bits: int = 3) -> tuple[QuantLayer, RoundingGrid]:
-    q = QuantLayer(layer, bits, symmetric=True, per_channel=False)
+def _grid(layer: nn.Module, bits: int = 3, per_channel: bool = False
+          ) -> tuple[QuantLayer, RoundingGrid]:
+    q = QuantLayer(layer, bits, symmetric=True, per_channel=per_channel)
     q.fit_grid("mse")
     return q, RoundingGrid.of(q)
 
@@ -147,18 +148,19 @@ def test_gauss_newton_over_top_classes_is_a_lower_bound() -> None:
     assert (full - top).norm() > 0
 
 
-@pytest.mark.parametrize("layer, shape", [
-    (nn.Conv2d(1, 2, 2, stride=2, padding=1), (5, 1, 5, 5)),
-    (nn.Conv2d(2, 2, 2, groups=2, dilation=2), (5, 2, 5, 5)),
-    (nn.Conv1d(2, 2, 2, padding=1), (5, 2, 6)),
-    (SamePad(1, 2, 2, stride=2), (5, 1, 5, 5)),
-    (nn.Linear(3, 2), (5, 4, 3)),
+@pytest.mark.parametrize("layer, shape, per_channel", [
+    (nn.Conv2d(1, 2, 2, stride=2, padding=1), (5, 1, 5, 5), False),
+    (nn.Conv2d(1, 2, 2, stride=2, padding=1), (5, 1, 5, 5), True),
+    (nn.Conv2d(2, 2, 2, groups=2, dilation=2), (5, 2, 5, 5), False),
+    (nn.Conv1d(2, 2, 2, padding=1), (5, 2, 6), False),
+    (SamePad(1, 2, 2, stride=2), (5, 1, 5, 5), False),
+    (nn.Linear(3, 2), (5, 4, 3), True),
 ])
-def test_local_mse_qubo_is_the_reconstruction_mse_for_every_choice(layer, shape) -> None:  # type: ignore[no-untyped-def]
+def test_local_mse_qubo_is_the_output_mse_for_every_choice(layer, shape, per_channel) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     layer = layer.double()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(8))
-    q, grid = _grid(layer)
+    q, grid = _grid(layer, per_channel=per_channel)
     with torch.no_grad():
         target = layer(x)
     qubo = local_mse_qubo(input_second_moments(layer, x, chunk=2), grid)

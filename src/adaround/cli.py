@@ -147,7 +147,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         samples=args.samples, hessian=args.hessian, hessian_samples=args.hessian_samples,
         max_classes=args.max_classes, task_samples=args.task_samples, sweeps=args.sweeps,
         iters=args.iters, batch_size=args.batch_size, all_layers=not args.no_all_layers,
-        all_layers_iters=args.all_layers_iters, seed=args.seed)
+        all_layers_iters=args.all_layers_iters, max_dense=args.max_dense, seed=args.seed)
     model = load_model(args.model, args.weights)
     calib, calib_y = _subset(*load_data(args, args.calib, None), args.num_calib, args.seed)
     x_eval, y_eval = _subset(*load_data(args, args.data, None), args.num_eval, args.seed + 1)
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--no-all-layers", action="store_true", help="skip the all-layers runs")
     a.add_argument("--all-layers-iters", type=int, help="relaxation iterations per layer there")
+    a.add_argument("--max-dense", type=int, default=4096,
+                   help="largest dense QUBO block, in weights (4096: 128 MiB)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--plot-dir", help="write the QUBO-vs-accuracy scatter PNGs here")
     a.add_argument("--json", help="write every result as JSON here")
