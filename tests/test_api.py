@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import images, sequences, tiny_mixed, tiny_resnet
+from tiny_models import SamePadConv, images, sequences, tiny_mixed, tiny_resnet
 from torch import nn
 
 import adaround
@@ -123,17 +123,6 @@ def test_load_refuses_other_architecture_newer_format_and_garbage(tmp_path) -> N
     (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(adaround.SaveFileError, match="not a readable"):
         adaround.load(tmp_path / "bad.pt", tiny_resnet())
-
-
-class SamePadConv(nn.Conv2d):
-    """A Conv2d subclass whose forward pads first, like TF-style 'same' convolutions."""
-
-    def __init__(self) -> None:
-        super().__init__(3, 4, 3, stride=2, padding=0)
-        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.conv2d(self.pad(x), self.weight, self.bias, self.stride)
 
 
 def test_conv_subclass_with_its_own_forward_keeps_it() -> None:

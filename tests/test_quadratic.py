@@ -2,7 +2,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import images, sequences, tiny_mixed, tiny_resnet
+from tiny_models import SamePadConv, images, sequences, tiny_mixed, tiny_resnet
 from torch import nn
 
 import adaround
@@ -28,6 +28,7 @@ LAYERS = {
     "conv2d_reflect_same": (lambda: nn.Conv2d(3, 4, 3, padding="same", dilation=2,
                                               padding_mode="reflect"), (6, 3, 7, 7)),
     "conv3d": (lambda: nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1), (4, 2, 5, 6, 4)),
+    "same_pad_subclass": (SamePadConv, (6, 3, 9, 9)),  # its own forward pads first
 }
 
 
@@ -92,7 +93,11 @@ def test_layers_without_an_unfold_are_left_to_the_sampled_loss() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x[..., 1:, 1:])
 
-    assert not supports_quadratic(OwnForward(2, 2, 3))
+    # a subclass is unfolded at the input its one convolution really receives
+    layer = OwnForward(2, 2, 3)
+    assert supports_quadratic(layer)
+    x = torch.randn(1, 2, 6, 6)
+    assert torch.equal(quadratic.conv_input(layer, x), x[..., 1:, 1:])
 
 
 def test_quantize_with_the_quadratic_loss_beats_nearest_and_says_so(caplog) -> None:  # type: ignore[no-untyped-def]
@@ -125,3 +130,19 @@ def test_loss_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="early_stop must be True or False"):
         QuantConfig(early_stop="yes")  # type: ignore[arg-type]
     assert QuantConfig.from_dict(QuantConfig(loss="quadratic").to_dict()).loss == "quadratic"
+
+
+class TwoConvs(nn.Conv2d):
+    """A subclass whose forward is not one convolution: cannot be unfolded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight) + nn.functional.conv2d(x, self.weight)
+
+
+def test_subclass_that_is_not_one_convolution_falls_back(caplog) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = nn.Sequential(TwoConvs(3, 4, 3), nn.ReLU())
+    with caplog.at_level(logging.INFO, logger="adaround"):
+        adaround.quantize(model, images(32), QuantConfig(loss="quadratic", iters=20,
+                                                          batch_size=8))
+    assert "is not one convolution with its weight; using the sampled loss" in caplog.text

@@ -94,3 +94,14 @@ def images(n: int = 64, seed: int = 1) -> torch.Tensor:
 
 def sequences(n: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 2, 16, generator=torch.Generator().manual_seed(seed))
+
+
+class SamePadConv(nn.Conv2d):
+    """A Conv2d subclass whose forward pads first, like TF-style 'same' convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 4, 3, stride=2, padding=0)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride)

@@ -17,7 +17,12 @@ from adaround.errors import CalibrationDataError
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
 from adaround.reconstruct import LayerResult, adaround_layer
-from adaround.reconstruct.quadratic import Moments, accumulate_moments, supports_quadratic
+from adaround.reconstruct.quadratic import (
+    Moments,
+    UnfoldError,
+    accumulate_moments,
+    supports_quadratic,
+)
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
 from adaround.trace import Trace, trace_model
 
@@ -97,7 +102,11 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
         log.info("%s: the quadratic loss does not unfold %s; using the sampled loss", name,
                  type(qlayer.layer).__name__)
         return None
-    return accumulate_moments(qlayer.layer, engine.input_chunks(name))
+    try:
+        return accumulate_moments(qlayer.layer, engine.input_chunks(name))
+    except UnfoldError as exc:
+        log.info("%s: %s; using the sampled loss", name, exc)
+        return None
 
 
 def _describe(result: LayerResult, cfg: QuantConfig, plan: LayerPlan) -> str:

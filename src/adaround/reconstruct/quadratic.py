@@ -24,15 +24,58 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PATCH_BUDGET = 2**24  # elements of one block of patches (64 MiB in float32)
 
 
+_CONV_FNS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+class UnfoldError(ValueError):
+    """The layer's forward does not reduce to one convolution with its own settings."""
+
+
+def _standard(layer: nn.Module) -> bool:
+    return type(layer).forward in (nn.Linear.forward, *(c.forward for c in _CONV))
+
+
 def supports_quadratic(layer: nn.Module) -> bool:
-    """Linear and Conv1d/2d/3d with their standard forward; ConvTranspose is not unfolded."""
-    standard = type(layer).forward in (nn.Linear.forward, *(c.forward for c in _CONV))
-    return isinstance(layer, (nn.Linear, *_CONV)) and standard
+    """Linear and Conv1d/2d/3d, subclasses included; ConvTranspose is not unfolded."""
+    return isinstance(layer, (nn.Linear, *_CONV))
+
+
+class _CaptureConvInput(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in _CONV_FNS:
+            self.calls.append(tuple(args) + tuple((kwargs or {}).values()))
+        return func(*args, **(kwargs or {}))
+
+
+def conv_input(layer: nn.Module, x: Tensor) -> Tensor:
+    """What the layer's convolution actually receives: `x` itself for the standard layers;
+    for a subclass with its own forward (e.g. TF-style "same" padding that pads first), the
+    input of its one convolution call, checked to use the layer's weight and settings."""
+    if _standard(layer):
+        return x
+    with torch.no_grad(), _CaptureConvInput() as mode:
+        layer(x)
+    if len(mode.calls) != 1 or mode.calls[0][1] is not layer.weight:
+        raise UnfoldError(f"{type(layer).__name__}.forward is not one convolution with its weight")
+    call = mode.calls[0]
+    expected = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    given = tuple(call[3:7]) + expected[len(call[3:7]):]
+    norm = [tuple(v) if isinstance(v, (list, tuple)) else v for v in given]
+    single = [(v,) * len(layer.stride) if isinstance(v, int) and i < 3 else v
+              for i, v in enumerate(norm)]
+    if tuple(single) != expected or layer.padding_mode != "zeros":
+        raise UnfoldError(f"{type(layer).__name__} calls its convolution with other settings")
+    return call[0]
 
 
 def weight_rows(layer: nn.Module, weight: Tensor) -> Tensor:
@@ -83,10 +126,11 @@ def accumulate_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]
     sums: list[Tensor] = []
     count = 0
     for x_q, x_fp in chunks:
-        per_sample = patches(layer, x_q[:1]).numel()
+        per_sample = patches(layer, conv_input(layer, x_q[:1])).numel()
         for bq, bf in _blocks(x_q, x_fp, per_sample):
-            pq = patches(layer, bq.to(dtype))
-            we = torch.bmm(pq - patches(layer, bf.to(dtype)), w.transpose(1, 2))  # [g, P, co]
+            pq = patches(layer, conv_input(layer, bq).to(dtype))
+            pf = patches(layer, conv_input(layer, bf).to(dtype))
+            we = torch.bmm(pq - pf, w.transpose(1, 2))  # [g, P, co]
             terms = [torch.bmm(pq.transpose(1, 2), pq), torch.bmm(we.transpose(1, 2), pq),
                      we.pow(2).sum()]
             # float64 running sums: chunks may be many, and each term is already a long sum
