@@ -19,7 +19,8 @@ def load(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             run = json.loads(line)
-            key = (run["model"], run["bits"], run["grid"], run["rounding"], run.get("loss"))
+            loss = run.get("loss", "sampled") if run["rounding"] == "adaround" else "-"
+            key = (run["model"], run["bits"], run["grid"], run["rounding"], loss)
             latest[key] = run
     return sorted(latest.values(), key=lambda r: (
         ORDER.get(r["model"], 9), -r["bits"], r["grid"] != "tensor", r["rounding"] != "nearest"))
