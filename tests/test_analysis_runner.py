@@ -8,9 +8,13 @@ import torch
 from tiny_models import images, tiny_resnet
 
 from adaround.analysis import AnalysisConfig, analyze, format_summary, format_table
+from adaround.analysis.layerwise import quantize_layerwise
 from adaround.analysis.report import spearman
+from adaround.api import prepare_float
 from adaround.cli import main
 from adaround.errors import ConfigError
+from adaround.nn.quant_layer import QuantLayer
+from adaround.prepare import plan_layers
 
 MODEL = "tiny_models:tiny_resnet"
 SMALL = dict(samples=6, iters=60, sweeps=10, hessian_samples=32, all_layers_iters=20,
@@ -43,6 +47,20 @@ def test_every_method_is_scored_on_the_same_grid(ablations) -> None:  # type: ig
         assert m["stochastic_best"].task_loss == min(r.task_loss for r in a.stochastic)
         assert set(a.all_layers) == {"nearest", "qubo_local", "relaxation"}
         assert all(0 <= v <= 100 for v in a.all_layers.values())
+
+
+def test_all_layers_models_use_each_bit_width() -> None:
+    net = tiny_resnet()
+    x = images(32)
+    cfg = AnalysisConfig(bits=(4, 2), **SMALL)
+    fp, trace, _ = prepare_float(net, x, cfg.quant_config(4))
+    plans = plan_layers(fp, trace, cfg.quant_config(4))
+    models = quantize_layerwise(fp, plans, x, cfg, torch.Generator().manual_seed(0))
+    for bits in (4, 2):
+        for method in ("nearest", "qubo_local", "relaxation"):
+            layers = [m for m in models[bits][method].modules() if isinstance(m, QuantLayer)]
+            assert len(layers) == len(plans) and all(q.bits == bits for q in layers)
+            assert all(q.mode == "quantized" for q in layers)
 
 
 def test_table_summary_and_json(ablations, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -78,11 +78,13 @@ def quantize_layerwise(fp: nn.Module, plans: list[LayerPlan], x: Tensor, cfg: An
                        generator: torch.Generator) -> dict[int, dict[str, nn.Module]]:
     """{bits: {method: quantized model}} for nearest, local-MSE QUBO and relaxation."""
     iters = cfg.all_layers_iters or cfg.iters
-    models = {
-        bits: {m: swap_in_quant_layers(copy.deepcopy(fp), plans, cfg.quant_config(bits))
-               for m in LAYERWISE_METHODS}
-        for bits in cfg.bits
-    }
+    models = {}
+    for bits in cfg.bits:
+        # the plans carry a bit width of their own: every layer at `bits` here
+        at_bits = [LayerPlan(p.name, bits, p.info) for p in plans]
+        models[bits] = {m: swap_in_quant_layers(copy.deepcopy(fp), at_bits,
+                                                cfg.quant_config(bits))
+                        for m in LAYERWISE_METHODS}
     for plan in plans:
         per_bits = {b: {m: _qlayer(models[b][m], plan.name) for m in LAYERWISE_METHODS}
                     for b in cfg.bits}
