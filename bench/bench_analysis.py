@@ -2,8 +2,9 @@
 
 Writes bench/results/analysis.md (tables, settings, machine, and whether each of the paper's
 qualitative findings holds), analysis.json (every number) and one QUBO-vs-accuracy scatter
-PNG per network and bit width. Reads the shared data from $ADAROUND_DATA or ../shared/data and
-skips, with a message, what is absent.
+PNG per network and bit width. A run of some --models keeps the other models' results from
+the previous analysis.json, with their own command line. Reads the shared data from
+$ADAROUND_DATA or ../shared/data and skips, with a message, what is absent.
 
     python bench/bench_analysis.py --threads 1
 """
@@ -140,8 +141,8 @@ def findings(a: Ablation) -> list[str]:
     return lines
 
 
-def write_report(ablations: list[Ablation], args: argparse.Namespace, seconds: float,
-                 machine: str) -> None:
+def write_report(ablations: list[Ablation]) -> None:
+    """analysis.md, analysis.json and the plots, from every ablation (this run and kept ones)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     plots = []
     for a in ablations:
@@ -150,14 +151,14 @@ def write_report(ablations: list[Ablation], args: argparse.Namespace, seconds: f
         plots.append((a, name))
     (RESULTS / "analysis.json").write_text(json.dumps([a.to_dict() for a in ablations],
                                                       indent=1))
-    cmd = "python bench/bench_analysis.py " + " ".join(sys.argv[1:])
-    lines = [
-        "# The paper's first-layer ablation, measured",
-        "",
-        f"Command: `{cmd}` ({seconds / 60:.1f} min in all).",
-        f"Machine: {machine}.",
-        "",
-    ]
+    lines = ["# The paper's first-layer ablation, measured", ""]
+    runs = {}
+    for a in ablations:
+        runs.setdefault((a.settings["command"], a.settings["machine"]), []).append(a)
+    for (cmd, machine), group in runs.items():
+        minutes = group[0].settings["model_minutes"]
+        lines += [f"- {group[0].model}: `{cmd}` ({minutes:.1f} min); {machine}."]
+    lines.append("")
     for a in ablations:
         st = a.settings
         lines.append(
@@ -214,22 +215,37 @@ def main() -> int:
     keep_freed_memory()
     machine = (f"{_cpu_name()} ({platform.machine()}, {os.cpu_count()} cores, shared with other "
                f"jobs), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
-    start = time.perf_counter()
+    cmd = "python bench/bench_analysis.py " + " ".join(sys.argv[1:])
     ablations: list[Ablation] = []
     runners = {"resnet20": run_resnet20, "efficientnet_lite0": run_effnet}
     for model in args.models:
+        start = time.perf_counter()
         try:
-            ablations += runners[model](args)
+            results = runners[model](args)
         except (FileNotFoundError, ImportError) as exc:
             print(f"skipped {model}: {exc}")
             continue
-        for a in ablations:
-            if a.model.lower().replace("-", "").startswith(model[:6]):
-                print(format_table(a) + "\n", flush=True)
+        minutes = (time.perf_counter() - start) / 60
+        for a in results:
+            a.settings.update(command=cmd, machine=machine, model_minutes=minutes)
+            print(format_table(a) + "\n", flush=True)
+        ablations += results
     if ablations:
-        write_report(ablations, args, time.perf_counter() - start, machine)
+        ablations = _keep_other_models(ablations)
+        write_report(ablations)
         print(format_summary(ablations))
     return 0
+
+
+def _keep_other_models(ablations: list[Ablation]) -> list[Ablation]:
+    """Add the results of models this run did not measure from the previous analysis.json."""
+    path = RESULTS / "analysis.json"
+    done = {a.model for a in ablations}
+    if path.exists():
+        kept = [Ablation.from_dict(d) for d in json.loads(path.read_text())]
+        ablations = ablations + [a for a in kept if a.model not in done]
+    order = {"ResNet-20": 0, "EfficientNet-Lite0": 1}
+    return sorted(ablations, key=lambda a: (order.get(a.model, 9), -a.bits))
 
 
 if __name__ == "__main__":

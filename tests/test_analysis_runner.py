@@ -7,7 +7,13 @@ import pytest
 import torch
 from tiny_models import images, tiny_resnet
 
-from adaround.analysis import AnalysisConfig, analyze, format_summary, format_table
+from adaround.analysis import (
+    Ablation,
+    AnalysisConfig,
+    analyze,
+    format_summary,
+    format_table,
+)
 from adaround.analysis.layerwise import quantize_layerwise
 from adaround.analysis.report import spearman
 from adaround.api import prepare_float
@@ -70,7 +76,8 @@ def test_table_summary_and_json(ablations, tmp_path) -> None:  # type: ignore[no
                 "QUBO, task-loss Hessian", "QUBO, local MSE", "continuous relaxation"):
         assert row in table
     assert "tiny W4 | tiny W2" in format_summary(ablations)
-    json.dumps([a.to_dict() for a in ablations])
+    saved = json.loads(json.dumps([a.to_dict() for a in ablations]))
+    assert format_table(Ablation.from_dict(saved[0])) == table
 
 
 def test_plot_is_written(ablations, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -94,6 +94,17 @@ class Ablation:
             "pearson_task_qubo_task_loss": pearson(task, loss),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ablation:
+        """Inverse of :meth:`to_dict` (the summary is recomputed)."""
+        return cls(
+            model=data["model"], layer=data["layer"], bits=data["bits"],
+            weights=data["weights"], fp_accuracy=data["fp_accuracy"],
+            fp_task_loss=data["fp_task_loss"],
+            methods={k: MethodResult(**v) for k, v in data["methods"].items()},
+            stochastic=[MethodResult(**r) for r in data["stochastic"]],
+            all_layers=dict(data["all_layers"]), settings=dict(data["settings"]))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "layer": self.layer, "bits": self.bits,
