@@ -101,6 +101,7 @@ class SamePadConv(nn.Conv2d):
 
     def __init__(self) -> None:
         super().__init__(3, 4, 3, stride=2, padding=0)
+        self.stride = [2, 2]  # type: ignore[assignment]  # a list, as EfficientNet-Lite's has
         self.pad = nn.ZeroPad2d((0, 1, 0, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

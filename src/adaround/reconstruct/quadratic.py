@@ -57,6 +57,12 @@ class _CaptureConvInput(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _as_tuple(value: Any, dims: int) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,) * dims if isinstance(value, int) else value
+
+
 def conv_input(layer: nn.Module, x: Tensor) -> Tensor:
     """What the layer's convolution actually receives: `x` itself for the standard layers;
     for a subclass with its own forward (e.g. TF-style "same" padding that pads first), the
@@ -68,12 +74,11 @@ def conv_input(layer: nn.Module, x: Tensor) -> Tensor:
     if len(mode.calls) != 1 or mode.calls[0][1] is not layer.weight:
         raise UnfoldError(f"{type(layer).__name__}.forward is not one convolution with its weight")
     call = mode.calls[0]
-    expected = (layer.stride, layer.padding, layer.dilation, layer.groups)
-    given = tuple(call[3:7]) + expected[len(call[3:7]):]
-    norm = [tuple(v) if isinstance(v, (list, tuple)) else v for v in given]
-    single = [(v,) * len(layer.stride) if isinstance(v, int) and i < 3 else v
-              for i, v in enumerate(norm)]
-    if tuple(single) != expected or layer.padding_mode != "zeros":
+    settings = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    given = tuple(call[3:7]) + settings[len(call[3:7]):]
+    if [_as_tuple(v, len(layer.kernel_size)) for v in given] != [
+            _as_tuple(v, len(layer.kernel_size)) for v in settings] or \
+            layer.padding_mode != "zeros":
         raise UnfoldError(f"{type(layer).__name__} calls its convolution with other settings")
     return call[0]
 
