@@ -12,7 +12,6 @@ $ADAROUND_DATA or ../shared/data and skips, with a message, what is absent.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from adaround.allocator import keep_freed_memory
 from adaround.analysis import Ablation, AnalysisConfig, analyze, format_summary, format_table
 from adaround.analysis.plot import plot_qubo_vs_accuracy
 from adaround.data.files import (
@@ -35,21 +35,6 @@ from adaround.data.files import (
 
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).parent / "results"
-
-
-def keep_freed_memory() -> None:
-    """Let glibc reuse freed activation buffers instead of returning them to the OS.
-
-    By default every tensor over 32 MB is mmap-ed and unmapped again, so each EfficientNet
-    forward pays page faults on hundreds of MB: measured here, 2-4x the wall time (sys time
-    above user time). This changes speed only, never a result.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        log.info("not glibc: allocator left as it is")
 
 
 def _cpu_name() -> str:

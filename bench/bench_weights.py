@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import adaround
+from adaround.allocator import keep_freed_memory
 from adaround.data.files import data_root, imagenet_sample_split, load_array_file
 from adaround.evaluate import accuracy
 
@@ -73,6 +74,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

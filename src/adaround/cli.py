@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from adaround.allocator import keep_freed_memory
 from adaround.config import QuantConfig
 from adaround.errors import AdaRoundError
 
@@ -283,6 +284,7 @@ def _terminal_logging(quiet: bool) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     with _terminal_logging(args.quiet):
