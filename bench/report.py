@@ -1,6 +1,6 @@
 """Turn the JSON lines written by bench_weights.py into BENCHMARKS.md's markdown tables.
 
-    python bench/report.py bench/results/weights.jsonl
+    python bench/report.py bench/results/weights.jsonl [more.jsonl ...]
 
 The latest run of each (model, bits, grid, rounding) wins.
 """
@@ -19,8 +19,9 @@ def load(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             run = json.loads(line)
-            loss = run.get("loss", "sampled") if run["rounding"] == "adaround" else "-"
-            key = (run["model"], run["bits"], run["grid"], run["rounding"], loss)
+            ada = run["rounding"] == "adaround"
+            key = (run["model"], run["bits"], run["grid"], run["rounding"],
+                   run.get("loss", "sampled") if ada else "-", run["iters"] if ada else 0)
             latest[key] = run
     return sorted(latest.values(), key=lambda r: (
         ORDER.get(r["model"], 9), -r["bits"], r["grid"] != "tensor", r["rounding"] != "nearest"))
@@ -41,8 +42,8 @@ def table(runs: list[dict]) -> str:
 
 
 def main() -> int:
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/weights.jsonl")
-    print(table(load(path)))
+    paths = [Path(p) for p in sys.argv[1:]] or [Path("bench/results/weights.jsonl")]
+    print(table([run for path in paths for run in load(path)]))
     return 0
 
 
