@@ -18,8 +18,8 @@ from adaround.evaluate import accuracy
 
 log = logging.getLogger(__name__)
 
-DEMO_ITERS = 800
-DEMO_CALIB = 512
+DEMO_ITERS = 500
+DEMO_CALIB = 256
 
 
 @dataclass(frozen=True)
