@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +21,7 @@ from adaround.analysis.solvers import anneal
 from adaround.errors import ModelError
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, swap_in_quant_layers
+from adaround.reconstruct.cache import layer_inputs as cached_layer_inputs
 from adaround.reconstruct.loop import optimise_rounding
 
 log = logging.getLogger(__name__)
@@ -31,36 +29,13 @@ log = logging.getLogger(__name__)
 LAYERWISE_METHODS = ("nearest", "qubo_local", "relaxation")
 
 
-class _Reached(Exception):
-    """Stops the forward pass once the layer's input is captured."""
-
-
-@contextmanager
-def _capture(module: nn.Module, sink: list[Tensor]) -> Iterator[None]:
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        sink.append(args[0].detach())
-        raise _Reached
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def layer_inputs(model: nn.Module, name: str, x: Tensor, batch_size: int = 128) -> Tensor:
     """The input of layer `name` for every sample of x (each pass stops at the layer)."""
-    sink: list[Tensor] = []
-    with _capture(model.get_submodule(name), sink):
-        for xs in x.split(batch_size):
-            try:
-                model(xs)
-            except _Reached:
-                pass
-    if not sink:
-        raise ModelError(f"layer {name} was not called in the forward pass")
-    return torch.cat(sink)
+    try:
+        return cached_layer_inputs(model, model.get_submodule(name), list(x.split(batch_size)))
+    except RuntimeError as exc:  # torch.cat of nothing: the layer never ran
+        raise ModelError(f"layer {name} was not called in the forward pass") from exc
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ def _capture_input(module: nn.Module, sink: list[Tensor]) -> Iterator[None]:
         handle.remove()
 
 
-def _layer_inputs(model: nn.Module, layer: nn.Module, batches: list[Tensor]) -> Tensor:
+def layer_inputs(model: nn.Module, layer: nn.Module, batches: list[Tensor]) -> Tensor:
+    """The input of `layer` for every batch (each forward pass stops at the layer)."""
     inputs: list[Tensor] = []
     with torch.no_grad(), _capture_input(layer, inputs):
         for batch in batches:
@@ -60,8 +61,8 @@ def collect_layer_data(
 ) -> tuple[Tensor, Tensor]:
     """(x^, target): the layer's quantized-stream input and f_a(W x) from the FP stream."""
     fp_layer = fp_model.get_submodule(name)
-    target = layer_target(fp_layer, _layer_inputs(fp_model, fp_layer, batches), activation)
-    x_q = _layer_inputs(q_model, q_model.get_submodule(name), batches)
+    target = layer_target(fp_layer, layer_inputs(fp_model, fp_layer, batches), activation)
+    x_q = layer_inputs(q_model, q_model.get_submodule(name), batches)
     return x_q, target
 
 
@@ -71,4 +72,4 @@ def collect_input_chunks(
     """(x^, x) batch by batch: the layer's quantized- and FP-stream inputs, never all at once."""
     fp_layer, q_layer = fp_model.get_submodule(name), q_model.get_submodule(name)
     for batch in batches:
-        yield _layer_inputs(q_model, q_layer, [batch]), _layer_inputs(fp_model, fp_layer, [batch])
+        yield layer_inputs(q_model, q_layer, [batch]), layer_inputs(fp_model, fp_layer, [batch])
