@@ -12,13 +12,17 @@ from adaround.prepare import plan_layers, swap_in_quant_layers
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
 
 
+def _prepared(model: nn.Module, x: torch.Tensor, cfg: QuantConfig):  # type: ignore[no-untyped-def]
+    """FP model with BN folded, its layer plans, and a quantized twin (all layers float)."""
+    fp, trace, _ = prepare_float(model, x, cfg)
+    plans = plan_layers(fp, trace, cfg)
+    return fp, plans, swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+
+
 @pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
 def test_one_pass_engine_gives_the_same_layer_data_as_rerunning(make, data) -> None:  # type: ignore[no-untyped-def]
     x = data(40)
-    cfg = QuantConfig(weight_bits=3)
-    fp, trace, _ = prepare_float(make(), x, cfg)
-    plans = plan_layers(fp, trace, cfg)
-    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    fp, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
     chunks = list(x.split(16))  # several chunks, the last one partial
     names = [p.name for p in plans]
     graph = make_engine(fp, qmodel, chunks, names)
@@ -64,10 +68,7 @@ def test_untraceable_network_falls_back_to_rerunning() -> None:
 @pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
 def test_both_engines_give_the_fp_and_quantized_inputs_chunk_by_chunk(make, data) -> None:  # type: ignore[no-untyped-def]
     x = data(40)
-    cfg = QuantConfig(weight_bits=3)
-    fp, trace, _ = prepare_float(make(), x, cfg)
-    plans = plan_layers(fp, trace, cfg)
-    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    fp, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
     chunks = list(x.split(16))
     graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
     rerun = RerunEngine(fp, qmodel, chunks)
