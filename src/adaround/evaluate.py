@@ -9,18 +9,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from adaround.calibration import model_device
+
 __all__ = ["accuracy", "model_device", "predictions"]
 
 logger = logging.getLogger(__name__)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (or buffer); CPU for a model without tensors."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 @contextmanager

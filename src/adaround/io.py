@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from adaround.api import META_ATTR
+from adaround.calibration import model_device
 from adaround.config import QuantConfig
 from adaround.errors import SaveFileError
 from adaround.nn.quant_layer import QuantLayer
@@ -85,7 +86,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             f"{path} does not match this model's architecture ({exc}): pass the model it was "
             "quantized from"
         ) from exc
-    device = next(iter(model.parameters())).device
+    device = model_device(model)
     state = {k: v.to(device) for k, v in payload["state"].items()}
     expected = set(qmodel.state_dict()) - _float_weight_keys(qmodel)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
