@@ -13,6 +13,7 @@ from adaround.errors import (
     AdaRoundError,
     CalibrationDataError,
     ConfigError,
+    ExportError,
     ModelError,
     SaveFileError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "AdaRoundError",
     "CalibrationDataError",
     "ConfigError",
+    "ExportError",
     "ModelError",
     "QuantConfig",
     "QuantLayer",

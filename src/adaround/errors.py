@@ -21,3 +21,7 @@ class ModelError(AdaRoundError):
 
 class SaveFileError(AdaRoundError):
     """A saved quantized model cannot be loaded into the given network."""
+
+
+class ExportError(AdaRoundError):
+    """A quantized model cannot be exported as asked (missing package, unmappable layer...)."""

@@ -1,15 +1,25 @@
-"""Save a quantized model (integer codes, scales, float biases, config) and load it back."""
+"""Save a quantized model as packed integer codes and load it back.
+
+The file is one safetensors file: every QuantLayer's codes packed to its bit width (two 4-bit
+codes per byte, see `adaround.export.bitpack`), scales, zero points, float biases and the other
+float state; its JSON metadata header (key "adaround") holds the format version, the library
+version, the full QuantConfig, the folded BatchNorms, each layer's bits/shape and a SHA-256 of
+the tensor data, so a truncated or altered file is refused instead of loaded wrong. One file
+is one atomic rename. Files of the previous format (a torch pickle, version 1) still load.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from adaround.api import META_ATTR
 from adaround.calibration import model_device
@@ -19,11 +29,17 @@ from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, apply_folds, swap_in_quant_layers
 
 FORMAT = "adaround-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+HEADER_KEY = "adaround"
+_PIP = "pip install 'adaround[export]'"
 
 
 def _float_weight_keys(qmodel: nn.Module) -> set[str]:
-    return {f"{n}.layer.weight" for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+    return {_key(n, "layer.weight") for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+
+
+def _key(module_name: str, leaf: str) -> str:
+    return f"{module_name}.{leaf}" if module_name else leaf
 
 
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
@@ -40,58 +56,142 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
         raise
 
 
+def _digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as exc:
+        raise SaveFileError(f"saving and loading need the safetensors package: {_PIP}") from exc
+    return safetensors.torch
+
+
 def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write the quantized state (without the float weights) of a `quantize` result."""
+    """Write the quantized state of a `quantize` result: packed codes, scales, config.
+
+    Example:
+        >>> adaround.save(qmodel, "model.w4.safetensors")  # doctest: +SKIP
+    """
     meta = getattr(qmodel, META_ATTR, None)
     if meta is None:
         raise SaveFileError("this module was not produced by adaround.quantize: nothing to save")
-    skip = _float_weight_keys(qmodel)
-    state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items() if k not in skip}
     from adaround import __version__
+    from adaround.export.bitpack import pack_codes
 
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "library": __version__,
-               "meta": meta, "state": state}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    skip = _float_weight_keys(qmodel)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.state_dict().items()
+               if k not in skip}
+    layers = {}
+    for name, module in qmodel.named_modules():
+        if isinstance(module, QuantLayer):
+            key = _key(name, "codes")
+            tensors[key] = pack_codes(module.codes, module.bits, module.symmetric)
+            layers[name] = {"bits": module.bits, "signed": module.symmetric,
+                            "shape": list(module.codes.shape)}
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "library": __version__,
+              "meta": meta, "layers": layers, "sha256": _digest(tensors)}
+    metadata = {HEADER_KEY: json.dumps(header)}
+    st = _safetensors()
+    atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no quantized model file at {path}")
+def _check_version(path: Path, header: dict[str, Any]) -> None:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise SaveFileError(f"{path} is not an adaround quantized-model file")
+    version = header.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SaveFileError(
+            f"{path} has format version {version}, newer than this library reads "
+            f"({FORMAT_VERSION}): upgrade adaround"
+        )
+
+
+def _read_packed(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    from adaround.export.bitpack import unpack_codes  # export/ imports this module
+
+    st = _safetensors()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = st.load_file(str(path))
+        header = json.loads(metadata[HEADER_KEY])
+    except Exception as exc:
+        raise SaveFileError(f"{path} is not a readable adaround file ({exc}); it may be "
+                            "truncated or corrupted: save it again") from exc
+    _check_version(path, header)
+    if header.get("sha256") != _digest(tensors):
+        raise SaveFileError(f"{path} is corrupted (its data does not match the checksum in "
+                            "its header): save or copy it again")
+    for name, info in header["layers"].items():
+        key = _key(name, "codes")
+        count = int(torch.Size(info["shape"]).numel())
+        try:
+            codes = unpack_codes(tensors[key], count, info["bits"], info["signed"])
+        except (KeyError, ValueError) as exc:
+            raise SaveFileError(f"{path}: the codes of layer {name!r} cannot be unpacked "
+                                f"({exc}): save the model again") from exc
+        tensors[key] = codes.reshape(info["shape"])
+    return header, tensors
+
+
+def _read_legacy(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Format version 1: a torch pickle of {format, format_version, meta, state}."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SaveFileError(f"{path} is not a readable adaround file ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise SaveFileError(f"{path} is not an adaround quantized-model file")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise SaveFileError(
-            f"{path} has format version {payload['format_version']}, newer than this "
-            f"library reads ({FORMAT_VERSION}): upgrade adaround"
-        )
-    return payload
+    _check_version(path, payload)
+    return payload, payload["state"]
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantized model file at {path}")
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if head[:4] == b"PK\x03\x04":  # a torch zip archive: the version-1 format
+        return _read_legacy(path)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _read_packed(path)
+    raise SaveFileError(f"{path} is not a readable adaround file (neither safetensors nor a "
+                        "torch file): pass a file written by adaround.save")
 
 
 def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
-    """Rebuild the quantized model saved at `path` on top of `model` (the FP architecture)."""
-    payload = _read(Path(path))
-    meta = payload["meta"]
+    """Rebuild the quantized model saved at `path` on top of `model` (the FP architecture).
+
+    Example:
+        >>> qmodel = adaround.load("model.w4.safetensors", resnet20())  # doctest: +SKIP
+    """
+    header, state = _read(Path(path))
+    meta = header["meta"]
     cfg = QuantConfig.from_dict(meta["config"])
     qmodel = copy.deepcopy(model).eval()
     try:
         apply_folds(qmodel, meta["folded"])
         plans = [LayerPlan(name, bits, None) for name, bits in meta["layers"].items()]
         qmodel = swap_in_quant_layers(qmodel, plans, cfg, fit=False)
-    except (AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError, RuntimeError) as exc:
         raise SaveFileError(
             f"{path} does not match this model's architecture ({exc}): pass the model it was "
             "quantized from"
         ) from exc
     device = model_device(model)
-    state = {k: v.to(device) for k, v in payload["state"].items()}
-    expected = set(qmodel.state_dict()) - _float_weight_keys(qmodel)
+    state = {k: v.to(device) for k, v in state.items()}
+    own = qmodel.state_dict()
+    expected = set(own) - _float_weight_keys(qmodel)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    mismatched = [k for k, v in state.items() if k in expected and
-                  qmodel.state_dict()[k].shape != v.shape]
+    mismatched = [k for k, v in state.items() if k in expected and own[k].shape != v.shape]
     if missing or unexpected or mismatched:
         raise SaveFileError(
             f"{path} does not match this model's architecture (missing {missing[:5]}, "
