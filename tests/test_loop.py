@@ -51,3 +51,58 @@ def test_results_equal_a_full_run_when_early_stop_does_not_trigger() -> None:
     assert [r.iters for r in on.adaround_report] == [300, 300]
     assert all(torch.equal(a, b) for a, b in zip(_codes(on), _codes(off)))
     assert on.adaround_report[1].loss_adaround == off.adaround_report[1].loss_adaround
+
+
+def _autograd_reference(qlayer, objective, cfg):  # type: ignore[no-untyped-def]
+    """The loop as the paper writes it: autograd through W~(V) and f_reg, torch.optim.Adam."""
+    from adaround.primitives import (
+        beta_at,
+        hard_codes,
+        init_v,
+        rectified_sigmoid,
+        round_regularizer,
+        soft_weight,
+    )
+
+    w, s, zp = qlayer.layer.weight.detach(), qlayer.scale, qlayer.zero_point
+    w_floor = torch.floor(w / s)
+    v = torch.nn.Parameter(init_v(w / s - w_floor))
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    for step in range(cfg.iters):
+        h = rectified_sigmoid(v)
+        loss = objective.at(step)(soft_weight(w_floor, h, s, zp, qlayer.qmin, qlayer.qmax))
+        beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end)
+        if beta is not None:
+            loss = loss + cfg.reg_weight * round_regularizer(h, beta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return hard_codes(w_floor, v.detach(), zp, qlayer.qmin, qlayer.qmax), v.detach()
+
+
+@pytest.mark.parametrize("loss", ["sampled", "quadratic"])
+def test_written_out_gradient_loop_equals_the_autograd_loop(loss: str) -> None:
+    from adaround.reconstruct.loop import Objective, QuadraticLoss, SampledLoss, run_rounding
+    from adaround.reconstruct.quadratic import accumulate_moments
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, padding=1).double()
+    qlayer = QuantLayer(layer, bits=3, symmetric=False, per_channel=True)
+    qlayer.fit_grid("mse")
+    x = torch.randn(64, 4, 6, 6, dtype=torch.float64)
+    x_q = x + 0.2 * torch.randn_like(x)
+    cfg = QuantConfig(weight_bits=3, iters=300, lr=1e-2, reg_weight=0.1, early_stop=False)
+
+    def objective():  # type: ignore[no-untyped-def]
+        if loss == "quadratic":
+            return Objective(QuadraticLoss(qlayer, accumulate_moments(layer, [(x_q, x)])))
+        gen = torch.Generator().manual_seed(1)
+        target = torch.relu(layer(x)).detach()
+        return Objective(SampledLoss(qlayer, x_q, target, torch.relu, 16, gen))
+
+    ours, _ = run_rounding(qlayer, objective(), cfg)
+    ref, v = _autograd_reference(qlayer, objective(), cfg)
+    h = torch.sigmoid(v) * 1.2 - 0.1
+    assert ((h > 0.05) & (h < 0.95)).float().mean() < 0.5  # the run got somewhere
+    assert not torch.equal(ref, qlayer.nearest_codes())  # and learned something
+    assert torch.equal(ours, ref)

@@ -122,9 +122,36 @@ def _blocks(x_q: Tensor, x_fp: Tensor, per_sample: int) -> Iterator[tuple[Tensor
     yield from zip(x_q.split(rows), x_fp.split(rows))
 
 
+def columns(layer: nn.Module, x: Tensor) -> Tensor:
+    """The patches as columns, [groups, d, positions]: im2col (F.unfold) for 2-D convolutions
+    with zero padding, the general `patches` otherwise."""
+    if isinstance(layer, nn.Conv2d) and (layer.padding_mode == "zeros" or not any(
+            layer._reversed_padding_repeated_twice)) and not isinstance(layer.padding, str):
+        u = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        n, d, length = u.shape
+        u = u.reshape(n, layer.groups, d // layer.groups, length)
+        return u.permute(1, 2, 0, 3).reshape(layer.groups, d // layer.groups, n * length)
+    return patches(layer, x).transpose(1, 2)
+
+
+def weighted_error(layer: nn.Module, e: Tensor, w_rows: Tensor) -> Tensor:
+    """w_k . (x^ - x) at every output position, [groups, C_out / groups, positions]: the
+    layer's own operation on the input difference e (no bias), not an unfold."""
+    if isinstance(layer, nn.Linear):
+        return (e.reshape(-1, e.shape[-1]) @ w_rows[0].T).T.unsqueeze(0)
+    out = layer._conv_forward(e, w_rows.reshape(layer.weight.shape), None)
+    n, c = out.shape[:2]
+    return out.reshape(n, layer.groups, c // layer.groups, -1).permute(1, 2, 0, 3).reshape(
+        layer.groups, c // layer.groups, -1)
+
+
 @torch.no_grad()
 def accumulate_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]) -> Moments:
-    """Moments from (x^, x) input chunks, block by block, so only one block of patches lives."""
+    """Moments from (x^, x) input chunks, block by block, so only one block of patches lives.
+
+    A = U U^T from the quantized stream's patch columns U; r and c from w . e, which the
+    layer's own convolution computes on e = x^ - x without unfolding the FP stream.
+    """
     w = weight_rows(layer, layer.weight.detach())
     dtype = torch.promote_types(w.dtype, torch.float32)
     w = w.to(dtype)
@@ -133,15 +160,15 @@ def accumulate_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]
     for x_q, x_fp in chunks:
         per_sample = patches(layer, conv_input(layer, x_q[:1])).numel()
         for bq, bf in _blocks(x_q, x_fp, per_sample):
-            pq = patches(layer, conv_input(layer, bq).to(dtype))
-            pf = patches(layer, conv_input(layer, bf).to(dtype))
-            we = torch.bmm(pq - pf, w.transpose(1, 2))  # [g, P, co]
-            terms = [torch.bmm(pq.transpose(1, 2), pq), torch.bmm(we.transpose(1, 2), pq),
+            cq = conv_input(layer, bq).to(dtype)
+            u = columns(layer, cq)  # [g, d, P]
+            we = weighted_error(layer, cq - conv_input(layer, bf).to(dtype), w)  # [g, co, P]
+            terms = [torch.bmm(u, u.transpose(1, 2)), torch.bmm(we, u.transpose(1, 2)),
                      we.pow(2).sum()]
             # float64 running sums: chunks may be many, and each term is already a long sum
             sums = [t.double() + s for t, s in zip(terms, sums)] if sums else [
                 t.double() for t in terms]
-            count += pq.shape[1]
+            count += u.shape[2]
     if not sums:
         raise ValueError("no calibration data reached the layer")
     a, r, c = (s.div(count).to(dtype) for s in sums)
