@@ -17,6 +17,7 @@ from adaround.errors import (
     ModelError,
     SaveFileError,
 )
+from adaround.export import export_encodings, export_onnx, read_encodings
 from adaround.io import load, save
 from adaround.nn.quant_layer import QuantLayer
 
@@ -32,7 +33,10 @@ __all__ = [
     "QuantLayer",
     "SaveFileError",
     "__version__",
+    "export_encodings",
+    "export_onnx",
     "load",
     "quantize",
+    "read_encodings",
     "save",
 ]
