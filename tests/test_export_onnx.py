@@ -245,3 +245,43 @@ def test_killed_export_leaves_the_old_file_unchanged(tmp_path: Path, fmt: str,
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     if sig == signal.SIGINT:  # an interrupt runs the clean-up: no temporary file remains
         assert leftovers == ["out.file", "ready", "slow.py"]
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def test_cli_exports_every_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from adaround.cli import main
+
+    qmodel = _quantize(tiny_resnet(), images(32))
+    adaround.save(qmodel, tmp_path / "q.st")
+    model = ["tiny_models:tiny_resnet", "--quantized", str(tmp_path / "q.st")]
+    assert main(["-q", "export", *model, "--format", "onnx", "--input-shape", "3,8,8",
+                 "-o", str(tmp_path / "m.onnx")]) == 0
+    x = images(4, seed=2)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], _torch(qmodel, x),
+                               atol=ATOL, rtol=0)
+    assert main(["-q", "export", *model, "--format", "packed", "-o",
+                 str(tmp_path / "p.st")]) == 0
+    assert (tmp_path / "p.st").read_bytes() == (tmp_path / "q.st").read_bytes()
+    assert main(["-q", "export", *model, "--format", "encodings", "--input-shape", "3,8,8",
+                 "--float-onnx", str(tmp_path / "f.onnx"), "-o", str(tmp_path / "e.json")]) == 0
+    assert (tmp_path / "f.onnx").exists() and "stem.weight" in (tmp_path / "e.json").read_text()
+    assert "encodings ->" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "onnx"], "needs --input-shape"),
+    (["--format", "onnx", "--input-shape", "3,x"], "not a comma-separated list of integers"),
+    (["--format", "onnx", "--input-shape", "5,8,8"], "shaped as the model expects"),
+])
+def test_cli_export_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      extra: list[str], message: str) -> None:
+    from adaround.cli import main
+
+    adaround.save(_quantize(tiny_resnet(), images(32)), tmp_path / "q.st")
+    code = main(["-q", "export", "tiny_models:tiny_resnet", "--quantized", str(tmp_path / "q.st"),
+                 "-o", str(tmp_path / "m.onnx"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()

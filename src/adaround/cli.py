@@ -172,6 +172,43 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise UsageError(f"{text!r} is not a comma-separated list of integers") from exc
+    if not shape or min(shape) < 1:
+        raise UsageError(f"--input-shape {text} must list positive sizes, e.g. 3,32,32")
+    return shape
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import adaround
+
+    shape = _shape(args.input_shape)
+    if shape is None and args.format == "onnx":
+        raise UsageError("--format onnx needs --input-shape (one sample, without the batch "
+                         "dimension, e.g. 3,32,32)")
+    example = None if shape is None else torch.randn((1, *shape),
+                                                     generator=torch.Generator().manual_seed(0))
+    qmodel = adaround.load(args.quantized, load_model(args.model, args.weights))
+    if args.format == "onnx":
+        adaround.export_onnx(qmodel, example, args.output)
+    elif args.format == "packed":
+        adaround.save(qmodel, args.output)
+    else:
+        adaround.export_encodings(qmodel, args.output, example)
+        if args.float_onnx:
+            if example is None:
+                raise UsageError("--float-onnx needs --input-shape")
+            adaround.export_onnx(qmodel, example, args.float_onnx, qdq=False)
+            print(f"float graph -> {args.float_onnx}")
+    print(f"{args.format} -> {args.output} ({Path(args.output).stat().st_size} bytes)")
+    return EXIT_OK
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", help="per-channel mean to subtract, e.g. 0.485,0.456,0.406")
     p.add_argument("--std", help="per-channel std to divide by, e.g. 0.229,0.224,0.225")
@@ -257,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", help="write every result as JSON here")
     _add_data_options(a)
     a.set_defaults(func=cmd_analyze)
+
+    x = sub.add_parser("export", help="write a quantized model as ONNX QDQ, a packed weight "
+                       "file or an encodings JSON")
+    _add_model_options(x)
+    x.add_argument("--quantized", required=True, help="file written by `adaround quantize`")
+    x.add_argument("--format", required=True, choices=["onnx", "packed", "encodings"],
+                   help="onnx: QDQ graph with INT4/INT8 weights; packed: adaround.save's file; "
+                   "encodings: AIMET/Qualcomm encodings JSON for the float ONNX graph")
+    x.add_argument("--output", "-o", required=True, help="where to write it")
+    x.add_argument("--input-shape", help="one input without the batch dimension, e.g. "
+                   "3,32,32 (needed for onnx, and to name tensors in encodings)")
+    x.add_argument("--float-onnx", help="encodings: also write the float graph they name here")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="FP / nearest / AdaRound on Fashion-MNIST, offline")
     m.add_argument("--bits", type=int, nargs="+", default=[4, 3])
