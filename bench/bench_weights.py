@@ -23,6 +23,7 @@ import torch
 
 import adaround
 from adaround.allocator import keep_freed_memory
+from adaround.config import LOSSES, QuantConfig
 from adaround.data.files import data_root, imagenet_sample_split, load_array_file
 from adaround.evaluate import accuracy
 
@@ -68,8 +69,8 @@ def main() -> int:
     p.add_argument("--num-calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss", choices=["sampled", "quadratic", "quadratic_warmup"],
-                   default="sampled", help="reconstruction loss (sampled: the paper's)")
+    p.add_argument("--loss", choices=list(LOSSES), default=QuantConfig.loss,
+                   help="reconstruction loss (sampled: the paper's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = p.parse_args()

@@ -124,12 +124,25 @@ def test_transposed_convolutions_fall_back_to_the_sampled_loss(loss: str, caplog
 
 
 def test_loss_options_are_validated() -> None:
-    assert QuantConfig().loss == "sampled"
-    with pytest.raises(ConfigError, match="loss='exact'.*sampled, quadratic, quadratic_warmup"):
+    assert QuantConfig().loss == "auto"
+    with pytest.raises(ConfigError, match="loss='exact'.*auto, sampled, quadratic, quadratic_"):
         QuantConfig(loss="exact")
     with pytest.raises(ConfigError, match="early_stop must be True or False"):
         QuantConfig(early_stop="yes")  # type: ignore[arg-type]
     assert QuantConfig.from_dict(QuantConfig(loss="quadratic").to_dict()).loss == "quadratic"
+
+
+def test_auto_takes_the_quadratic_loss_where_its_step_is_cheaper() -> None:
+    torch.manual_seed(0)
+    # conv: d = 27, 36 positions per sample -> a quadratic step is far cheaper; the Linear
+    # layers (one position per sample) have d x d forms dearer than a batch of 8 samples
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 40),
+                          nn.ReLU(), nn.Linear(40, 2))
+    qmodel = adaround.quantize(model, images(32), QuantConfig(iters=20, batch_size=8))
+    objectives = {r.name: r.objective for r in qmodel.adaround_report}
+    assert objectives == {"0": "quadratic", "3": "sampled", "5": "sampled"}
+    assert quadratic.step_costs(model[0], images(2), 8) == (4 * 27 * 27, 3 * 8 * 36 * 4 * 27)
+    assert quadratic.step_costs(model[5], torch.randn(2, 40), 8) == (2 * 40 * 40, 3 * 8 * 2 * 40)
 
 
 class TwoConvs(nn.Conv2d):

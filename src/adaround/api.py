@@ -21,6 +21,7 @@ from adaround.reconstruct.quadratic import (
     Moments,
     UnfoldError,
     accumulate_moments,
+    step_costs,
     supports_quadratic,
 )
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
@@ -94,8 +95,9 @@ def _round_to_nearest(qmodel: nn.Module, plans: list[LayerPlan]) -> None:
 
 
 def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLayer,
-                   cfg: QuantConfig) -> Moments | None:
-    """The moments of the layer's inputs where cfg.loss asks for them and the layer allows."""
+                   x: Tensor, cfg: QuantConfig) -> Moments | None:
+    """The moments of the layer's inputs where cfg.loss asks for them and the layer allows
+    (for "auto": where a quadratic step costs less than a sampled one)."""
     if cfg.loss == "sampled":
         return None
     if not supports_quadratic(qlayer.layer):
@@ -103,6 +105,10 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
                  type(qlayer.layer).__name__)
         return None
     try:
+        if cfg.loss == "auto":
+            quadratic_cost, sampled_cost = step_costs(qlayer.layer, x, cfg.batch_size)
+            if quadratic_cost >= sampled_cost:
+                return None
         return accumulate_moments(qlayer.layer, engine.input_chunks(name))
     except UnfoldError as exc:
         log.info("%s: %s; using the sampled loss", name, exc)
@@ -144,7 +150,7 @@ def _round_layers(
         activation = plan.info.activation if cfg.loss_after_activation else None
         qlayer = qmodel.get_submodule(plan.name)
         xq, target = engine.layer_data(plan.name, activation)
-        moments = _layer_moments(engine, plan.name, qlayer, cfg)
+        moments = _layer_moments(engine, plan.name, qlayer, xq, cfg)
         result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                 progress, start, moments)
         del xq, target, moments

@@ -248,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm")
     q.add_argument("--no-activation-loss", action="store_true",
                    help="take the loss before the following activation")
-    q.add_argument("--loss", choices=["sampled", "quadratic", "quadratic_warmup"],
+    q.add_argument("--loss", choices=["auto", "sampled", "quadratic", "quadratic_warmup"],
                    default=d.loss, help="sampled: the paper's; quadratic: from second moments, "
-                   "all data every step, before the activation")
+                   "all data every step, before the activation; auto (default): quadratic "
+                   "where its step is cheaper, else sampled")
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
     _add_data_options(q)

@@ -7,6 +7,10 @@ annealed 20 -> 2 after a 20 % warm start, loss taken after the following activat
 `loss="quadratic"` evaluates the loss on all calibration data at every step, from second
 moments of the layer's inputs; it has no activation inside, so for a layer followed by one it
 is the loss before it ("quadratic_warmup": in the warm start only, the paper's loss after it).
+`loss="auto"` (the default, the one departure from the paper's settings) takes the quadratic
+loss for each layer where one of its steps costs fewer multiply-adds than a sampled step, the
+paper's sampled loss elsewhere (accuracy and time of each: BENCHMARKS.md). `loss="sampled"`
+is the paper exactly.
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
 """
@@ -23,7 +27,7 @@ CONFIG_VERSION = 1
 ROUNDING_MODES = ("adaround", "nearest")
 SCALE_METHODS = ("mse", "minmax")
 BETA_DECAYS = ("cosine", "linear")
-LOSSES = ("sampled", "quadratic", "quadratic_warmup")
+LOSSES = ("auto", "sampled", "quadratic", "quadratic_warmup")
 
 
 def _check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -71,7 +75,7 @@ class QuantConfig:
     warm_start: float = 0.2
     beta_decay: str = "cosine"
     loss_after_activation: bool = True
-    loss: str = "sampled"
+    loss: str = "auto"
     early_stop: bool = True
     first_last_bits: int | None = None
     include: tuple[str, ...] = ()

@@ -145,7 +145,7 @@ def make_objective(qlayer: QuantLayer, x: Tensor, target: Tensor,
     sampled = SampledLoss(qlayer, x, target, activation, cfg.batch_size, generator)
     if moments is None or cfg.loss == "sampled":
         return Objective(sampled)
-    if cfg.loss == "quadratic":
+    if cfg.loss in ("quadratic", "auto"):
         return Objective(QuadraticLoss(qlayer, moments))
     return Objective(sampled, QuadraticLoss(qlayer, moments), int(cfg.warm_start * cfg.iters))
 
@@ -298,7 +298,7 @@ def adaround_layer(
         flipped=(codes != nearest).float().mean().item(),
         iters=steps_run,
         seconds=time.perf_counter() - start,
-        objective="sampled" if moments is None else cfg.loss,
+        objective="sampled" if moments is None else cfg.loss.replace("auto", "quadratic"),
         data_seconds=begin - start,
         step_seconds=step_seconds,
     )

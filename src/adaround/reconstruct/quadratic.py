@@ -83,6 +83,17 @@ def conv_input(layer: nn.Module, x: Tensor) -> Tensor:
     return call[0]
 
 
+def step_costs(layer: nn.Module, x: Tensor, batch_size: int) -> tuple[int, int]:
+    """Multiply-adds of one step: (quadratic, sampled). The quadratic step is one
+    [C_out, d] x [d, d] product per group; the sampled step runs the layer forward and
+    backward (input and weight gradients) on `batch_size` samples."""
+    groups = getattr(layer, "groups", 1)
+    d = layer.weight[0].numel()
+    c_out = layer.weight.shape[0]
+    positions = patches(layer, conv_input(layer, x[:1])).shape[1] if x.dim() > 2 else 1
+    return c_out * d * d // groups, 3 * batch_size * positions * c_out * d
+
+
 def weight_rows(layer: nn.Module, weight: Tensor) -> Tensor:
     """`weight` as [groups, C_out / groups, d]: one row per output channel, in patch order."""
     groups = getattr(layer, "groups", 1)
