@@ -1,4 +1,4 @@
-"""QuantLayer: a Conv/ConvTranspose/Linear twin that computes with integer codes times scale."""
+"""QuantLayer: a Conv/ConvTranspose/Linear (or Embedding) twin computing with codes times scale."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adaround.errors import ConfigError
 from adaround.primitives import dequantize, int_range, quantize_nearest
-from adaround.quantizers import broadcast_shape, fit_grid
+from adaround.quantizers import expand_grid, fit_grid, grid_shape
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 QUANTIZABLE: tuple[type[nn.Module], ...] = (*_CONV, *_CONV_T, nn.Linear)
-_STANDARD_FORWARDS = {cls.forward for cls in QUANTIZABLE}
+# Embeddings are wrapped only where asked (adaround.hf), and always rounded to nearest: for a
+# lookup table the layer-wise loss is each row's own error, which nearest rounding minimises.
+WRAPPABLE: tuple[type[nn.Module], ...] = (*QUANTIZABLE, nn.Embedding)
+_STANDARD_FORWARDS = {cls.forward for cls in WRAPPABLE}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 MODES = ("float", "quantized")
@@ -36,6 +40,9 @@ def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
         return functional_call(layer, {"weight": weight}, (x,))
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, layer.bias)
+    if isinstance(layer, nn.Embedding):
+        return F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type,
+                           layer.scale_grad_by_freq, layer.sparse)
     if isinstance(layer, _CONV):
         return layer._conv_forward(x, weight, layer.bias)
     if isinstance(layer, _CONV_T):
@@ -47,6 +54,23 @@ def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     raise TypeError(f"unsupported layer type {type(layer).__name__}")
 
 
+def _check_groups(layer: nn.Module, group_size: int | None) -> None:
+    if group_size is None:
+        return
+    if not isinstance(layer, (nn.Linear, nn.Embedding)):
+        raise ConfigError(
+            f"group_size={group_size} applies to Linear and Embedding layers, not "
+            f"{type(layer).__name__}: exclude the convolutions (exclude=...) or set group_size=None"
+        )
+    width = layer.weight.shape[1]
+    if width % group_size:
+        raise ConfigError(
+            f"group_size={group_size} does not divide the input dimension {width} of a "
+            f"{type(layer).__name__} {tuple(layer.weight.shape)}: pick a divisor of {width} "
+            "(e.g. 32, 64 or 128 where they divide it) or exclude that layer"
+        )
+
+
 class QuantLayer(nn.Module):
     """Wraps a float layer; in "quantized" mode its weight is (codes - zero_point) * scale.
 
@@ -54,22 +78,28 @@ class QuantLayer(nn.Module):
     as in the paper.
     """
 
-    def __init__(self, layer: nn.Module, bits: int, symmetric: bool, per_channel: bool) -> None:
+    def __init__(self, layer: nn.Module, bits: int, symmetric: bool, per_channel: bool,
+                 group_size: int | None = None) -> None:
         super().__init__()
-        if not isinstance(layer, QUANTIZABLE):
+        if not isinstance(layer, WRAPPABLE):
             raise TypeError(f"cannot quantize {type(layer).__name__}")
+        _check_groups(layer, group_size)
         self.layer = layer
         self.bits = bits
         self.symmetric = symmetric
+        self.group_size = group_size
+        per_channel = per_channel or group_size is not None
         self.axis: int | None = output_channel_axis(layer) if per_channel else None
         self.qmin, self.qmax = int_range(bits, symmetric)
-        shape = broadcast_shape(layer.weight, self.axis)
+        shape = grid_shape(layer.weight, self.axis, group_size)
         ref = layer.weight
         self.register_buffer("scale", torch.ones(shape, dtype=ref.dtype, device=ref.device))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=ref.dtype, device=ref.device))
         code_dtype = torch.int8 if symmetric else torch.uint8
         self.register_buffer("codes", torch.zeros(ref.shape, dtype=code_dtype, device=ref.device))
         self.mode = "float"
+        # fake quantization of this layer's input (an ActQuant, nn/act_quant.py), or None
+        self.act_quant: nn.Module | None = None
 
     @property
     def channel_dim(self) -> int:
@@ -78,13 +108,26 @@ class QuantLayer(nn.Module):
 
     def fit_grid(self, method: str) -> None:
         w = self.layer.weight
-        scale, zero_point = fit_grid(w, self.bits, self.symmetric, self.axis, method)
+        scale, zero_point = fit_grid(w, self.bits, self.symmetric, self.axis, method,
+                                     self.group_size)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
+    def weight_scale(self) -> Tensor:
+        """The scale of every weight, shaped as the weight (groups repeated, channels expanded).
+
+        Everything that combines the grid with the weight goes through this and
+        `weight_zero_point`, so per-tensor, per-channel and group grids take one code path.
+        """
+        return expand_grid(self.scale, self.layer.weight, self.group_size)
+
+    def weight_zero_point(self) -> Tensor:
+        return expand_grid(self.zero_point, self.layer.weight, self.group_size)
+
     def nearest_codes(self) -> Tensor:
         w = self.layer.weight.detach()
-        return quantize_nearest(w, self.scale, self.zero_point, self.qmin, self.qmax)
+        return quantize_nearest(w, self.weight_scale(), self.weight_zero_point(), self.qmin,
+                                self.qmax)
 
     def set_codes(self, codes: Tensor) -> None:
         """Store integer codes and switch to quantized mode."""
@@ -92,14 +135,19 @@ class QuantLayer(nn.Module):
         self.mode = "quantized"
 
     def quantized_weight(self) -> Tensor:
-        return dequantize(self.codes.to(self.scale.dtype), self.scale, self.zero_point)
+        return dequantize(self.codes.to(self.scale.dtype), self.weight_scale(),
+                          self.weight_zero_point())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
         if self.mode == "float":
             return self.layer(x)
         return apply_layer(self.layer, x, self.quantized_weight())
 
     def extra_repr(self) -> str:
         grid = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        if self.group_size is not None:
+            grid = f"group({self.group_size})"
         kind = "symmetric" if self.symmetric else "asymmetric"
         return f"bits={self.bits}, {kind}, {grid}, mode={self.mode}"

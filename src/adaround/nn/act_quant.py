@@ -1,0 +1,89 @@
+"""ActQuant: per-tensor fake quantization of a QuantLayer's input (the usual W/A placement).
+
+    x_q = clamp(round(x / s), qmin, qmax) * s,   zero point 0
+
+Unsigned grid [0, 2^b - 1] where the input is known non-negative (after ReLU/ReLU6), signed
+symmetric [-2^(b-1), 2^(b-1) - 1] elsewhere. Rounding has a straight-through gradient; the
+gradient with respect to s is LSQ's (Esser et al. 2020): round(x/s) - x/s inside the grid,
+qmin or qmax where x is clipped. During reconstruction QDrop (Wei et al. 2022) can keep each
+element quantized with probability `qdrop` and in float otherwise.
+
+State: one buffer, `scale` (a 0-dim tensor); `bits` and `signed` are plain attributes that a
+saved model records beside it (see `act_quant_spec` / `attach_act_quants`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adaround.primitives import int_range
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_act(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """clamp(round(x / scale), qmin, qmax) * scale with the STE / LSQ gradients.
+
+    Example:
+        >>> fake_quantize_act(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), 0, 15)
+        tensor([0.5000, 0.0000, 7.5000])
+    """
+    return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
+
+
+class ActQuant(nn.Module):
+    """Fake-quantizes a tensor on a per-tensor grid with zero point 0."""
+
+    def __init__(self, bits: int, signed: bool, scale: float | Tensor = 1.0) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.signed = bool(signed)
+        self.qmin, self.qmax = int_range(self.bits, self.signed)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+        self.enabled = True
+        self.qdrop: float | None = None  # during reconstruction: P(element is quantized)
+        self.generator: torch.Generator | None = None  # for the QDrop masks
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        scale = self.scale.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
+        xq = fake_quantize_act(x, scale, self.qmin, self.qmax)
+        if self.qdrop is None or self.qdrop >= 1.0:
+            return xq
+        u = torch.rand(x.shape, generator=self.generator, device="cpu").to(x.device)
+        return torch.where(u < self.qdrop, xq, x)
+
+    @property
+    def range(self) -> tuple[float, float]:
+        """The float range the grid covers: [qmin * s, qmax * s]."""
+        s = float(self.scale)
+        return self.qmin * s, self.qmax * s
+
+    def extra_repr(self) -> str:
+        kind = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {kind}, scale={float(self.scale):.4g}"
+
+
+def act_quant_spec(qmodel: nn.Module) -> dict[str, dict[str, Any]]:
+    """{layer name: {"bits", "signed"}} of every QuantLayer that carries an ActQuant."""
+    from adaround.nn.quant_layer import QuantLayer
+
+    return {name: {"bits": m.act_quant.bits, "signed": m.act_quant.signed}
+            for name, m in qmodel.named_modules()
+            if isinstance(m, QuantLayer) and getattr(m, "act_quant", None) is not None}
+
+
+def attach_act_quants(qmodel: nn.Module, spec: dict[str, dict[str, Any]]) -> None:
+    """Give the named QuantLayers an ActQuant of the recorded bits/sign (scale 1 until a state
+    dict is loaded): what `load` needs before `load_state_dict` of a saved model."""
+    for name, info in spec.items():
+        layer = qmodel.get_submodule(name)
+        device = next(iter(layer.buffers())).device
+        layer.act_quant = ActQuant(info["bits"], info["signed"]).to(device)
