@@ -13,6 +13,18 @@ paper's sampled loss elsewhere (accuracy and time of each: BENCHMARKS.md). `loss
 is the paper exactly.
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
+
+Activations (off unless `act_bits` is set): every quantized layer's input is fake-quantized
+per tensor at `act_bits` (unsigned where the calibration data is non-negative), the model
+input at `input_act_bits` and the last layer's input at `last_act_bits` (both default to
+`act_bits`: the paper's W4A8; the literature keeps them at 8 for W4A4 and below). Ranges from
+the calibration data by `act_range` ("minmax", the paper's; "mse" search; "percentile", at
+`act_percentile` of |x|). `unit="block"` reconstructs whole blocks at once (BRECQ; blocks
+found automatically or named by `blocks` patterns; `fisher` weights the output error by the
+diagonal Fisher); `qdrop=p` keeps each activation quantized with probability p during
+reconstruction (QDrop); `learn_act_scale` learns the activation steps (LSQ, lr `act_lr`)
+jointly with the rounding. `method="adaround"|"brecq"|"qdrop"` is shorthand for those
+settings (see adaround.act_config); the options left unset take the method's values.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from adaround.act_config import resolve_activation_options
 from adaround.errors import ConfigError
 
 CONFIG_VERSION = 1
@@ -81,6 +94,18 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     fold_bn: bool = True
+    act_bits: int | None = None
+    act_range: str | None = None  # None: the method's ("minmax" for AdaRound)
+    act_percentile: float = 99.99
+    input_act_bits: int | None = None  # None: act_bits
+    last_act_bits: int | None = None  # None: act_bits
+    unit: str | None = None  # None: the method's ("layer" for AdaRound)
+    blocks: tuple[str, ...] = ()
+    fisher: bool = False
+    qdrop: float | None = None
+    learn_act_scale: bool | None = None  # None: the method's (False for AdaRound)
+    act_lr: float = 4e-5
+    method: str | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -117,6 +142,7 @@ class QuantConfig:
                 raise ConfigError(f"{name} must be a sequence of module-name patterns")
             else:
                 object.__setattr__(self, name, tuple(value))
+        resolve_activation_options(self)
         if self.version > CONFIG_VERSION:
             raise ConfigError(
                 f"config version {self.version} is newer than this library's "
@@ -127,6 +153,7 @@ class QuantConfig:
         data = asdict(self)
         data["include"] = list(self.include)
         data["exclude"] = list(self.exclude)
+        data["blocks"] = list(self.blocks)
         return data
 
     @classmethod
@@ -138,7 +165,7 @@ class QuantConfig:
                 f"unknown option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
             )
         values = dict(data)
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "blocks"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)
