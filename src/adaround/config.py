@@ -11,6 +11,8 @@ is the loss before it ("quadratic_warmup": in the warm start only, the paper's l
 loss for each layer where one of its steps costs fewer multiply-adds than a sampled step, the
 paper's sampled loss elsewhere (accuracy and time of each: BENCHMARKS.md). `loss="sampled"`
 is the paper exactly.
+`group_size` gives each run of that many consecutive input weights of an output channel its
+own grid (Linear and Embedding layers; it must divide their input dimension), per channel implied.
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
 
@@ -106,12 +108,17 @@ class QuantConfig:
     learn_act_scale: bool | None = None  # None: the method's (False for AdaRound)
     act_lr: float = 4e-5
     method: str | None = None
+    group_size: int | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
         _check_int_range("weight_bits", self.weight_bits, 2, 8)
         if self.first_last_bits is not None:
             _check_int_range("first_last_bits", self.first_last_bits, 2, 8)
+        if self.group_size is not None:
+            # a group is a run of input weights of one output channel: per channel implied
+            _check_int_range("group_size", self.group_size, 1)
+            object.__setattr__(self, "per_channel", True)
         _check_choice("rounding", self.rounding, ROUNDING_MODES)
         _check_choice("scale_method", self.scale_method, SCALE_METHODS)
         _check_choice("beta_decay", self.beta_decay, BETA_DECAYS)

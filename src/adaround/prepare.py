@@ -124,7 +124,7 @@ def swap_in_quant_layers(model: nn.Module, plans: list[LayerPlan], cfg: QuantCon
     """
     for plan in plans:
         qlayer = QuantLayer(model.get_submodule(plan.name), plan.bits, cfg.symmetric,
-                            cfg.per_channel)
+                            cfg.per_channel, cfg.group_size)
         if fit:
             qlayer.fit_grid(cfg.scale_method)
         if not plan.name:

@@ -37,8 +37,8 @@ class RoundingGrid:
 
     @classmethod
     def of(cls, qlayer: QuantLayer) -> RoundingGrid:
-        return cls(qlayer.layer.weight.detach(), qlayer.scale, qlayer.zero_point,
-                   qlayer.qmin, qlayer.qmax)
+        return cls(qlayer.layer.weight.detach(), qlayer.weight_scale(),
+                   qlayer.weight_zero_point(), qlayer.qmin, qlayer.qmax)
 
     @property
     def numel(self) -> int:

@@ -221,7 +221,7 @@ def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
     of the per-step cost on small layers, where the step is dominated by Python and op launches.
     """
     w = qlayer.layer.weight.detach()
-    scale, zero_point = qlayer.scale, qlayer.zero_point
+    scale, zero_point = qlayer.weight_scale(), qlayer.weight_zero_point()
     w_floor = torch.floor(w / scale)
     base = w_floor + zero_point
     v = init_v(w / scale - w_floor)
@@ -290,7 +290,7 @@ def adaround_layer(
     step_seconds = time.perf_counter() - begin
     qlayer.set_codes(codes)
     xs, ts = x[:EVAL_SAMPLES], target[:EVAL_SAMPLES]
-    weight_nearest = dequantize(nearest, qlayer.scale, qlayer.zero_point)
+    weight_nearest = dequantize(nearest, qlayer.weight_scale(), qlayer.weight_zero_point())
     return LayerResult(
         name=name,
         loss_nearest=layer_loss(qlayer, weight_nearest, xs, ts, activation),
