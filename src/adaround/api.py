@@ -24,6 +24,7 @@ from adaround.reconstruct.quadratic import (
     step_costs,
     supports_quadratic,
 )
+from adaround.reconstruct.spill import SpillStore, materialize
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
 from adaround.trace import Trace, trace_model
 
@@ -106,7 +107,8 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
         return None
     try:
         if cfg.loss == "auto":
-            quadratic_cost, sampled_cost = step_costs(qlayer.layer, x, cfg.batch_size)
+            quadratic_cost, sampled_cost = step_costs(qlayer.layer, materialize(x[:1]),
+                                                      cfg.batch_size)
             if quadratic_cost >= sampled_cost:
                 return None
         return accumulate_moments(qlayer.layer, engine.input_chunks(name))
@@ -139,7 +141,20 @@ def _round_layers(
         _round_to_nearest(qmodel, plans)
         return []
     names = [p.name for p in plans if p.reconstructable]
-    engine = make_engine(fp, qmodel, list(x.split(FORWARD_BATCH)), names)
+    budget = cfg.memory_budget_mb
+    store = SpillStore(int(budget * 2**20)) if budget is not None else None
+    try:
+        engine = make_engine(fp, qmodel, list(x.split(FORWARD_BATCH)), names, store)
+        return _reconstruct_each(engine, qmodel, plans, cfg, progress)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
+                      plans: list[LayerPlan], cfg: QuantConfig,
+                      progress: bool) -> list[LayerResult]:
+    """AdaRound every planned layer in execution order (nearest where it cannot)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     report: list[LayerResult] = []
     for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):

@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         scale_method=args.scale_method, first_last_bits=args.first_last_bits,
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
         loss_after_activation=not args.no_activation_loss, loss=args.loss,
-        early_stop=not args.no_early_stop,
+        early_stop=not args.no_early_stop, memory_budget_mb=args.memory_budget_mb,
     )
 
 
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.loss, help="sampled: the paper's; quadratic: from second moments, "
                    "all data every step, before the activation; auto (default): quadratic "
                    "where its step is cheaper, else sampled")
+    q.add_argument("--memory-budget-mb", type=float, help="keep cached activations within "
+                   "this many MB, spilling the rest to temporary files on disk")
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
     _add_data_options(q)

@@ -96,6 +96,7 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     fold_bn: bool = True
+    memory_budget_mb: float | None = None
     act_bits: int | None = None
     act_range: str | None = None  # None: the method's ("minmax" for AdaRound)
     act_percentile: float = 99.99
@@ -123,6 +124,8 @@ class QuantConfig:
         _check_choice("scale_method", self.scale_method, SCALE_METHODS)
         _check_choice("beta_decay", self.beta_decay, BETA_DECAYS)
         _check_choice("loss", self.loss, LOSSES)
+        if self.memory_budget_mb is not None:
+            _check_positive("memory_budget_mb", self.memory_budget_mb)
         _check_int_range("iters", self.iters, 1)
         _check_int_range("batch_size", self.batch_size, 1)
         _check_int_range("seed", self.seed, 0)

@@ -22,6 +22,7 @@ from torch import Tensor, fx, nn
 
 from adaround.nn.quant_layer import QUANTIZABLE, QuantLayer
 from adaround.reconstruct.cache import collect_input_chunks, collect_layer_data, layer_target
+from adaround.reconstruct.spill import SpillStore, materialize
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ def _fetch_attr(root: nn.Module, target: str) -> Any:
 class Stream:
     """Node values of one network for every calibration chunk, advanced node by node."""
 
-    def __init__(self, graph: fx.Graph, root: nn.Module, chunks: list[Tensor]) -> None:
+    def __init__(self, graph: fx.Graph, root: nn.Module, chunks: list[Tensor],
+                 after_node: Callable[[], None] | None = None) -> None:
         self.root = root
+        self.after_node = after_node
         self.nodes = list(graph.nodes)
         self.chunks = chunks
         self.envs: list[dict[fx.Node, Any]] = [{} for _ in chunks]
@@ -66,6 +69,8 @@ class Stream:
                         env.pop(n, None)
                     if not node.users and node.op != "output":
                         env.pop(node, None)
+                if self.after_node is not None:
+                    self.after_node()
         self.pos = max(self.pos, stop)
 
     def _execute(self, node: fx.Node, env: dict[fx.Node, Any], chunk: Tensor) -> Any:
@@ -73,8 +78,8 @@ class Stream:
             return chunk if node is self.nodes[0] else (node.args[0] if node.args else None)
         if node.op == "get_attr":
             return _fetch_attr(self.root, str(node.target))
-        args = fx.node.map_arg(node.args, lambda n: env[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        args = fx.node.map_arg(node.args, lambda n: materialize(env[n]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: materialize(env[n]))
         if node.op == "call_function":
             return node.target(*args, **kwargs)  # type: ignore[operator]
         if node.op == "call_method":
@@ -84,19 +89,29 @@ class Stream:
             return self.root.get_submodule(str(node.target))(*args, **kwargs)
         return args[0]  # output
 
-    def input_of(self, node: fx.Node) -> Tensor:
+    def input_chunks(self, node: fx.Node) -> Iterator[Tensor]:
         arg = node.args[0]
         assert isinstance(arg, fx.Node)
-        return torch.cat([env[arg] for env in self.envs])
+        return (materialize(env[arg]) for env in self.envs)
+
+    def input_of(self, node: fx.Node) -> Tensor:
+        return torch.cat(list(self.input_chunks(node)))
+
+
+def _cached(node: fx.Node) -> bool:
+    """Values the budget covers: node outputs, not the calibration input or parameters."""
+    return node.op.startswith("call_")
 
 
 class GraphEngine:
     """Layer data from two streams (FP and quantized) that advance together through the graph."""
 
     def __init__(self, graph: fx.Graph, fp: nn.Module, qmodel: nn.Module,
-                 chunks: list[Tensor]) -> None:
-        self.fp_stream = Stream(graph, fp, chunks)
-        self.q_stream = Stream(graph, qmodel, chunks)
+                 chunks: list[Tensor], store: SpillStore | None = None) -> None:
+        self.store = store
+        after = self._fit_budget if store is not None else None
+        self.fp_stream = Stream(graph, fp, chunks, after)
+        self.q_stream = Stream(graph, qmodel, chunks, after)
         self.fp = fp
         self.position = {}
         for i, node in enumerate(self.fp_stream.nodes):
@@ -109,17 +124,32 @@ class GraphEngine:
         self.q_stream.run_until(node_index)
         return self.fp_stream.nodes[node_index]
 
+    def _fit_budget(self) -> None:
+        """Spill cached node values (never inputs or parameters) down to the budget."""
+        assert self.store is not None
+        self.store.fit(self.fp_stream.envs + self.q_stream.envs, keys=_cached)
+
     def layer_data(self, name: str, activation: Activation) -> tuple[Tensor, Tensor]:
+        """(x^, target) for all calibration samples; with a memory budget, written to disk
+        chunk by chunk where they take more than half of it, and counted against it else."""
         node = self._advance_to(name)
-        target = layer_target(self.fp.get_submodule(name), self.fp_stream.input_of(node),
-                              activation)
-        return self.q_stream.input_of(node), target
+        layer = self.fp.get_submodule(name)
+        x_q = self.q_stream.input_chunks(node)
+        targets = (layer_target(layer, x, activation) for x in self.fp_stream.input_chunks(node))
+        if self.store is None:
+            return torch.cat(list(x_q)), torch.cat(list(targets))
+        first = next(self.fp_stream.input_chunks(node))[:1]
+        per_sample = first.nbytes + layer_target(layer, first, activation).nbytes
+        size = per_sample * sum(len(chunk) for chunk in self.fp_stream.chunks)
+        if size > self.store.budget // 2:
+            return self.store.write_rows(x_q), self.store.write_rows(targets)  # type: ignore[return-value]
+        self.store.fit(self.fp_stream.envs + self.q_stream.envs, keys=_cached, reserve=size)
+        return torch.cat(list(x_q)), torch.cat(list(targets))
 
     def input_chunks(self, name: str) -> Iterator[tuple[Tensor, Tensor]]:
         """(x^, x) chunk by chunk: the layer's quantized- and FP-stream inputs, uncopied."""
-        arg = self._advance_to(name).args[0]
-        for q_env, fp_env in zip(self.q_stream.envs, self.fp_stream.envs):
-            yield q_env[arg], fp_env[arg]
+        node = self._advance_to(name)
+        yield from zip(self.q_stream.input_chunks(node), self.fp_stream.input_chunks(node))
 
 
 class RerunEngine:
@@ -137,7 +167,7 @@ class RerunEngine:
 
 
 def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
-                names: list[str]) -> GraphEngine | RerunEngine:
+                names: list[str], store: SpillStore | None = None) -> GraphEngine | RerunEngine:
     """The one-pass engine where torch.fx can trace the network, else the re-run fallback."""
     try:
         graph = _LeafTracer().trace(qmodel)
@@ -146,7 +176,7 @@ def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
                  type(qmodel).__name__, type(exc).__name__, str(exc).splitlines()[0][:120])
         return RerunEngine(fp, qmodel, chunks)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    engine = GraphEngine(graph, fp, qmodel, chunks)
+    engine = GraphEngine(graph, fp, qmodel, chunks, store)
     order = [engine.position.get(name, -1) for name in names]
     extra_inputs = any(not p.args for p in placeholders[1:])
     if extra_inputs or min(order, default=0) < 0 or order != sorted(order):
