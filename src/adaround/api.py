@@ -11,9 +11,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from adaround.act_calibration import calibrate_activations, describe_convention
+from adaround.act_config import uses_unit_loop
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
 from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
+from adaround.nn.act_quant import act_quant_spec, quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
 from adaround.reconstruct import LayerResult, adaround_layer
@@ -26,6 +29,7 @@ from adaround.reconstruct.quadratic import (
 )
 from adaround.reconstruct.spill import SpillStore, materialize
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
+from adaround.reconstruct.units import round_units
 from adaround.trace import Trace, trace_model
 
 log = logging.getLogger(__name__)
@@ -78,12 +82,19 @@ def quantize(
     fp, trace, folded = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
     qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
-    report = _round_layers(fp, qmodel, plans, x, cfg, progress)
+    if cfg.act_bits is not None:
+        calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)
+        log.info("%s", describe_convention(cfg, trace.names()))
+    if cfg.rounding == "adaround" and uses_unit_loop(cfg):  # blocks, QDrop, learned steps
+        report = round_units(fp, qmodel, trace, plans, x, cfg, progress)
+    else:
+        report = _round_layers(fp, qmodel, plans, x, cfg, progress)
     qmodel.eval()
     setattr(qmodel, META_ATTR, {
         "config": cfg.to_dict(),
         "folded": folded,
         "layers": {p.name: p.bits for p in plans},
+        "act_quant": act_quant_spec(qmodel),  # {layer: {bits, signed}}; scales in the state
     })
     setattr(qmodel, REPORT_ATTR, report)
     return qmodel
@@ -111,7 +122,8 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
                                                       cfg.batch_size)
             if quadratic_cost >= sampled_cost:
                 return None
-        return accumulate_moments(qlayer.layer, engine.input_chunks(name))
+        chunks = ((quantize_layer_input(qlayer, xq), xf) for xq, xf in engine.input_chunks(name))
+        return accumulate_moments(qlayer.layer, chunks)
     except UnfoldError as exc:
         log.info("%s: %s; using the sampled loss", name, exc)
         return None
@@ -165,6 +177,7 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
         activation = plan.info.activation if cfg.loss_after_activation else None
         qlayer = qmodel.get_submodule(plan.name)
         xq, target = engine.layer_data(plan.name, activation)
+        xq = quantize_layer_input(qlayer, xq)  # x^ includes the layer's activation grid
         moments = _layer_moments(engine, plan.name, qlayer, xq, cfg)
         result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                 progress, start, moments)

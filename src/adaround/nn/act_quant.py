@@ -87,3 +87,18 @@ def attach_act_quants(qmodel: nn.Module, spec: dict[str, dict[str, Any]]) -> Non
         layer = qmodel.get_submodule(name)
         device = next(iter(layer.buffers())).device
         layer.act_quant = ActQuant(info["bits"], info["signed"]).to(device)
+
+
+def quantize_layer_input(qlayer: nn.Module, x: Any) -> Any:
+    """x^ as the layer's weights see it: through the layer's ActQuant where it has one.
+
+    `x` may be a tensor spilled to disk (anything with `load()`); it is read into memory only
+    when there is an ActQuant to apply.
+    """
+    act_quant = getattr(qlayer, "act_quant", None)
+    if act_quant is None:
+        return x
+    if not isinstance(x, Tensor):
+        x = x.load()
+    with torch.no_grad():
+        return act_quant(x)

@@ -1,0 +1,77 @@
+"""Reconstruct a network unit after unit (blocks and the layers outside them), in execution
+order: capture the unit's data, optimise, harden, free the data."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from adaround.blocks import Unit, discover_blocks, named_blocks, plan_units
+from adaround.config import QuantConfig
+from adaround.prepare import LayerPlan
+from adaround.reconstruct.block import BlockResult, reconstruct_unit
+from adaround.reconstruct.block_data import capture_inputs, capture_outputs, fisher_weights
+from adaround.trace import Trace
+
+log = logging.getLogger(__name__)
+
+FORWARD_BATCH = 128
+
+
+def units_of(fp: nn.Module, trace: Trace, plans: list[LayerPlan], x: Tensor,
+             cfg: QuantConfig) -> list[Unit]:
+    """The units cfg asks for: blocks (found or named) and single layers, in execution order."""
+    blocks: list[str] = []
+    if cfg.unit == "block":
+        blocks = named_blocks(fp, cfg.blocks) if cfg.blocks else discover_blocks(fp, x)
+    quantized = {p.name for p in plans if p.reconstructable}
+    return plan_units(blocks, trace.names(), quantized)
+
+
+def _describe(result: BlockResult, cfg: QuantConfig, bits: dict[str, int]) -> str:
+    layers = ", ".join(n.rpartition(".")[2] if result.kind == "block" else n
+                       for n in result.layers)
+    weights = "/".join(f"W{b}" for b in sorted({bits[n] for n in result.layers}))
+    acts = "; ".join(f"{n.rpartition('.')[2]} {r.describe()}" for n, r in result.act_ranges.items())
+    head = (f"{result.name} (block of {len(result.layers)}: {layers}; {weights})"
+            if result.kind == "block" else f"{result.name} ({weights})")
+    return (f"{head}: loss nearest {result.loss_nearest:.4g} -> adaround "
+            f"{result.loss_adaround:.4g}, {100 * result.flipped:.1f}% rounded differently, "
+            f"{result.iters}/{cfg.iters} steps, {result.seconds:.1f}s"
+            + (f"; activations {acts}" if acts else ""))
+
+
+def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[LayerPlan],
+                x: Tensor, cfg: QuantConfig, progress: bool = False) -> list[BlockResult]:
+    """Reconstruct every unit; layers that cannot be reconstructed are rounded to nearest."""
+    for plan in plans:
+        if not plan.reconstructable:
+            qlayer = qmodel.get_submodule(plan.name)
+            qlayer.set_codes(qlayer.nearest_codes())
+    units = units_of(fp, trace, plans, x, cfg)
+    blocks = [u for u in units if u.kind == "block"]
+    log.info("%d units: %d blocks (%s), %d single layers", len(units), len(blocks),
+             ", ".join(u.name for u in blocks) or "-", len(units) - len(blocks))
+    infos = {p.name: p.info for p in plans}
+    bits = {p.name: p.bits for p in plans}
+    chunks = list(x.split(FORWARD_BATCH))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    report: list[BlockResult] = []
+    for unit in tqdm(units, desc="units", unit="unit", disable=not progress):
+        start = time.perf_counter()
+        info = infos.get(unit.name)
+        activation = (info.activation if unit.kind == "layer" and info is not None
+                      and cfg.loss_after_activation else None)
+        inputs = capture_inputs(qmodel, unit.name, chunks)
+        target = capture_outputs(fp, unit.name, chunks, activation)
+        weights = fisher_weights(fp, unit.name, chunks) if cfg.fisher else None
+        result = reconstruct_unit(unit, qmodel, inputs, target, activation, weights, cfg,
+                                  generator, progress, start)
+        del inputs, target, weights
+        report.append(result)
+        log.info("%s", _describe(result, cfg, bits))
+    return report
