@@ -88,7 +88,8 @@ def run_ours(args: argparse.Namespace) -> dict:
             calib = torch.cat([calib, calib.flip(-1)])[:args.num_calib]
     cfg = adaround.QuantConfig(weight_bits=args.bits, per_channel=args.grid == "channel",
                                iters=args.iters, seed=args.seed, loss=args.loss,
-                               early_stop=not args.no_early_stop)
+                               early_stop=not args.no_early_stop,
+                               memory_budget_mb=args.memory_budget_mb)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     qmodel = adaround.quantize(model, calib, cfg)
@@ -104,6 +105,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "tool": "adaround", "version": adaround.__version__, "model": args.model,
         "bits": args.bits, "grid": args.grid, "num_calib": len(calib), "iters": args.iters,
         "loss": args.loss, "early_stop": not args.no_early_stop, "top1": top1,
+        "memory_budget_mb": args.memory_budget_mb,
         "seconds": seconds, "peak_rss_mb": rss_peak, "rss_before_mb": rss_before,
         "data_seconds": sum(r.data_seconds for r in layers), "step_seconds": step_seconds,
         "other_seconds": seconds - sum(r.data_seconds + r.step_seconds for r in layers),
@@ -136,6 +138,8 @@ def _worker_cmd(args: argparse.Namespace, num_calib: int) -> list[str]:
         cmd.append("--no-early-stop")
     if args.no_eval:
         cmd.append("--no-eval")
+    if args.memory_budget_mb is not None:
+        cmd += ["--memory-budget-mb", str(args.memory_budget_mb)]
     return cmd
 
 
@@ -172,8 +176,10 @@ def compare(args: argparse.Namespace) -> list[dict]:
     aimet = _subprocess_json(aimet_cmd, env) if aimet_cmd else None
     print("| tool | top-1 % | wall s | peak RSS MB |\n|---|---|---|---|")
     if ours:
-        print(f"| adaround ({ours['loss']} loss) | {_fmt(ours['top1'])} | {ours['seconds']:.1f} "
-              f"| {ours['peak_rss_mb']:.0f} |")
+        budget = ours["memory_budget_mb"]
+        print(f"| adaround ({ours['loss']} loss{f', budget {budget:g} MB' if budget else ''}) "
+              f"| {_fmt(ours['top1'])} | {ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} "
+              f"(before quantize {ours['rss_before_mb']:.0f}) |")
     if aimet:
         print(f"| aimet-torch {aimet['version']} | {_fmt(aimet['adaround_top1'])} | "
               f"{aimet['adaround_seconds']:.1f} | {aimet['peak_rss_mb']:.0f} |")
@@ -214,6 +220,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-early-stop", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy (timing only)")
+    p.add_argument("--memory-budget-mb", type=float, help="QuantConfig.memory_budget_mb")
     p.add_argument("--aimet-python", default=DEFAULT_AIMET)
     p.add_argument("--no-aimet", action="store_true")
     p.add_argument("--scaling", type=int, nargs="+", help="calibration-set sizes to time")
