@@ -159,3 +159,9 @@ def test_subclass_that_is_not_one_convolution_falls_back(caplog) -> None:  # typ
         adaround.quantize(model, images(32), QuantConfig(loss="quadratic", iters=20,
                                                           batch_size=8))
     assert "is not one convolution with its weight; using the sampled loss" in caplog.text
+
+
+def test_gram_from_blocks_equals_one_product(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    u = torch.randn(2, 13, 50, dtype=torch.float64)
+    monkeypatch.setattr(quadratic, "GRAM_MIN_ROWS", 1)
+    torch.testing.assert_close(quadratic.gram(u), torch.bmm(u, u.transpose(1, 2)))
