@@ -152,3 +152,27 @@ def test_packed_w4_file_is_about_an_eighth_of_the_float_state(tmp_path: Path) ->
     adaround.save(qmodel, tmp_path / "q.st")
     ratio = (tmp_path / "q.st").stat().st_size / (tmp_path / "fp.pt").stat().st_size
     assert ratio < 1 / 7
+
+
+def test_round_trip_keeps_activation_quantizers(tmp_path: Path) -> None:
+    from tiny_models import attach_act_quant
+
+    from adaround.nn.act_quant import act_quant_spec
+
+    qmodel = _quantized()
+    attach_act_quant(qmodel.block.conv2, 8, False, scale=0.05)
+    attach_act_quant(qmodel.fc, 4, True, scale=0.2)
+    qmodel.adaround_meta["act_quant"] = act_quant_spec(qmodel)
+    adaround.save(qmodel, tmp_path / "a.st")
+    loaded = adaround.load(tmp_path / "a.st", tiny_resnet())
+    assert loaded.fc.act_quant.bits == 4 and loaded.fc.act_quant.signed
+    assert float(loaded.block.conv2.act_quant.scale) == pytest.approx(0.05)
+    x = images(8, seed=6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+
+
+def test_configs_round_trip_through_their_dict() -> None:
+    for cfg in (QuantConfig(), QuantConfig(weight_bits=3, per_channel=True, rounding="nearest"),
+                QuantConfig(act_bits=8)):
+        assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

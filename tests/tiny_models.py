@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaround.models.cifar_resnet import PadShortcut
-from adaround.primitives import int_range
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -109,22 +108,8 @@ class SamePadConv(nn.Conv2d):
         return F.conv2d(self.pad(x), self.weight, self.bias, self.stride)
 
 
-class StandInActQuant(nn.Module):
-    """Issue #3's activation-quantizer interface: bits, signed, enabled, scalar `scale`."""
-
-    def __init__(self, bits: int, signed: bool, scale: float) -> None:
-        super().__init__()
-        self.bits, self.signed, self.enabled = bits, signed, True
-        self.register_buffer("scale", torch.tensor(scale))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        qmin, qmax = int_range(self.bits, self.signed)
-        return torch.clamp(torch.round(x / self.scale), qmin, qmax) * self.scale
-
-
 def attach_act_quant(qlayer: nn.Module, bits: int, signed: bool, scale: float) -> None:
-    """Register a stand-in input quantizer on a QuantLayer, applied by a forward pre-hook."""
-    qlayer.act_quant = StandInActQuant(bits, signed, scale)
-    qlayer.register_forward_pre_hook(lambda m, args: (m.act_quant(args[0]),))
+    """Give a QuantLayer an input quantizer (issue #3's ActQuant), as quantize does."""
+    from adaround.nn.act_quant import ActQuant
+
+    qlayer.act_quant = ActQuant(bits, signed, scale)

@@ -76,7 +76,10 @@ def resolve_activation_options(cfg: Any) -> None:
         if getattr(cfg, name) is not None:
             _check_int_range(name, getattr(cfg, name), 2, 8)
     if cfg.act_bits is None:
-        _needs_act_bits(cfg, {"act_range": cfg.act_range, "learn_act_scale": cfg.learn_act_scale,
+        # "minmax" is what a weight-only config resolves act_range to: to_dict keeps it, and
+        # from_dict (adaround.load) must accept it back
+        act_range = None if cfg.act_range == "minmax" else cfg.act_range
+        _needs_act_bits(cfg, {"act_range": act_range, "learn_act_scale": cfg.learn_act_scale,
                               "qdrop": cfg.qdrop, "input_act_bits": cfg.input_act_bits,
                               "last_act_bits": cfg.last_act_bits})
     _apply_method(cfg)

@@ -181,6 +181,10 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         apply_folds(qmodel, meta["folded"])
         plans = [LayerPlan(name, bits, None) for name, bits in meta["layers"].items()]
         qmodel = swap_in_quant_layers(qmodel, plans, cfg, fit=False)
+        if meta.get("act_quant"):  # input quantizers: bits/sign here, scales in the state
+            from adaround.nn.act_quant import attach_act_quants
+
+            attach_act_quants(qmodel, meta["act_quant"])
     except (AttributeError, TypeError, RuntimeError) as exc:
         raise SaveFileError(
             f"{path} does not match this model's architecture ({exc}): pass the model it was "
