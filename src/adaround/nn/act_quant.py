@@ -22,19 +22,47 @@ from torch import Tensor, nn
 from adaround.primitives import int_range
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """round(x) forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+class _FakeQuant(torch.autograd.Function):
+    """Fake quantization with the STE gradient for x and LSQ's for the step, optionally kept
+    only where `keep` (QDrop): one saved pair (x/s, codes) instead of autograd's chain."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int,  # type: ignore[override]
+                keep: Tensor | None) -> Tensor:
+        xs = x / scale
+        codes = torch.round(xs).clamp_(qmin, qmax)
+        out = codes * scale
+        if keep is not None:
+            out = torch.where(keep, out, x)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        ctx.save_for_backward(xs, codes, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        xs, codes, keep = ctx.saved_tensors
+        inside = (xs >= ctx.qmin) & (xs <= ctx.qmax)
+        grad_x = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * (inside if keep is None else inside | ~keep)
+        if ctx.needs_input_grad[1]:
+            d_scale = torch.where(inside, codes - xs, codes)  # LSQ: d(q s)/ds
+            if keep is not None:
+                d_scale = d_scale * keep
+            grad_s = (grad * d_scale).sum().reshape(())
+        return grad_x, grad_s, None, None, None
 
 
-def fake_quantize_act(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
-    """clamp(round(x / scale), qmin, qmax) * scale with the STE / LSQ gradients.
+def fake_quantize_act(x: Tensor, scale: Tensor, qmin: int, qmax: int,
+                      keep: Tensor | None = None) -> Tensor:
+    """clamp(round(x / scale), qmin, qmax) * scale with the STE / LSQ gradients; where `keep`
+    is given, x itself elsewhere.
 
     Example:
         >>> fake_quantize_act(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), 0, 15)
         tensor([0.5000, 0.0000, 7.5000])
     """
-    return torch.clamp(round_ste(x / scale), qmin, qmax) * scale
+    return _FakeQuant.apply(x, scale, qmin, qmax, keep)
 
 
 class ActQuant(nn.Module):
@@ -54,11 +82,11 @@ class ActQuant(nn.Module):
         if not self.enabled:
             return x
         scale = self.scale.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
-        xq = fake_quantize_act(x, scale, self.qmin, self.qmax)
-        if self.qdrop is None or self.qdrop >= 1.0:
-            return xq
-        u = torch.rand(x.shape, generator=self.generator, device="cpu").to(x.device)
-        return torch.where(u < self.qdrop, xq, x)
+        keep = None
+        if self.qdrop is not None and self.qdrop < 1.0:
+            u = torch.rand(x.shape, generator=self.generator, device="cpu").to(x.device)
+            keep = u < self.qdrop
+        return fake_quantize_act(x, scale, self.qmin, self.qmax, keep)
 
     @property
     def range(self) -> tuple[float, float]:
