@@ -178,3 +178,28 @@ def test_batch_store_accounts_for_memory() -> None:
     store.clear()
     assert budget.in_memory == 0
     budget.close()
+
+
+def test_cli_quantizes_a_local_model_folder_from_a_tsv_column(tmp_path) -> None:
+    from adaround.cli import main
+
+    folder = tmp_path / "tiny-bert"
+    words = "the a cat dog sat on mat ran far away".split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    transformers.BertTokenizer(vocab_file=str(vocab)).save_pretrained(folder)
+    tiny_bert().save_pretrained(folder)
+    tsv = tmp_path / "calib.tsv"
+    rows = [f"{i}\t{' '.join(words[i % 5:i % 5 + 3 + i % 4])}\t0.5" for i in range(40)]
+    tsv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "q.safetensors"
+    argv = ["--quiet", "quantize", "--hf-model", str(folder), "--calib-text", str(tsv),
+            "--tsv-column", "1", "--bits", "4", "--group-size", "16", "--iters", "20",
+            "-o", str(out)]
+    assert main(argv) == 0 and out.is_file()
+    fp = transformers.BertModel.from_pretrained(str(folder)).eval()
+    back = adaround.load(out, fp)
+    assert back.encoder.layer[0].intermediate.dense.scale.shape == (64, 2)
+    assert main([*argv[:-2], "--tsv-column", "7", "-o", str(out)]) == 2
+    assert main(["quantize", "--hf-model", str(tmp_path), "-o", str(out),
+                 "--calib-text", str(tsv)]) == 2  # no config.json there

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from adaround.allocator import keep_freed_memory
 from adaround.config import QuantConfig
 from adaround.errors import AdaRoundError
+from adaround.hf.cli import add_hf_options
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 log = logging.getLogger("adaround")
@@ -81,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
         loss_after_activation=not args.no_activation_loss, loss=args.loss,
         early_stop=not args.no_early_stop, memory_budget_mb=args.memory_budget_mb,
+        group_size=getattr(args, "group_size", None),
     )
 
 
@@ -88,6 +90,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import adaround
 
     cfg = config_from_args(args)
+    if args.hf_model:
+        from adaround.hf.cli import quantize_hf_from_args
+
+        if args.model:
+            raise UsageError("pass either a model reference or --hf-model, not both")
+        return quantize_hf_from_args(args, cfg)
+    if not args.model or not args.calib:
+        raise UsageError("quantize needs a model reference and --calib (or --hf-model FOLDER "
+                         "--calib-text FILE for a Hugging Face model)")
     model = load_model(args.model, args.weights)
     calib, _ = load_data(args, args.calib, args.num_calib, args.calib_offset)
     log.info("calibrating on %d samples of shape %s; %s", len(calib), tuple(calib.shape[1:]), cfg)
@@ -216,8 +227,9 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=256, help="short side before the crop")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model factory as package.module:function")
+def _add_model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("model", nargs="?" if optional else None,
+                   help="model factory as package.module:function")
     p.add_argument("--weights", help="state-dict file to load into the model")
 
 
@@ -229,13 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = QuantConfig()
 
     q = sub.add_parser("quantize", help="quantize a model's weights and save the result")
-    _add_model_options(q)
-    q.add_argument("--calib", required=True, help=".npz/.pt/.npy file or folder of images")
-    q.add_argument("--num-calib", type=int, default=1024, help="calibration samples (1024)")
+    _add_model_options(q, optional=True)
+    q.add_argument("--calib", help=".npz/.pt/.npy file or folder of images")
+    q.add_argument("--num-calib", type=int, default=1024,
+                   help="calibration samples or sentences (1024)")
     q.add_argument("--calib-offset", type=int, default=0, help="skip this many samples first")
     q.add_argument("--output", "-o", required=True, help="where to write the quantized model")
     q.add_argument("--bits", type=int, default=d.weight_bits, help="weight bits, 2-8 (4)")
     q.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    q.add_argument("--group-size", type=int, help="one scale per this many input weights of "
+                   "an output channel (Linear layers; e.g. 32, 64, 128)")
     q.add_argument("--asymmetric", action="store_true", help="unsigned grid with zero point")
     q.add_argument("--rounding", choices=["adaround", "nearest"], default=d.rounding)
     q.add_argument("--iters", type=int, default=d.iters, help="iterations per layer (10000)")
@@ -257,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
     _add_data_options(q)
+    add_hf_options(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("evaluate", help="top-1 (top-5) accuracy of an FP or quantized model")

@@ -86,7 +86,10 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
     else:
         qmodel.to(device)
     plan = plan_hf(qmodel, blocks_name, blocks, cfg, opts)
-    budget = Budget(opts.memory_budget_mb, opts.spill_dir)
+    limit = opts.memory_budget_mb
+    if limit is None:  # QuantConfig's budget (the same option for `adaround.quantize`)
+        limit = getattr(cfg, "memory_budget_mb", None)
+    budget = Budget(limit, opts.spill_dir)
     try:
         with torch.no_grad(), no_cache(qmodel):
             report = _run(qmodel, blocks, plan, batches, masks, cfg, opts, budget, device,
