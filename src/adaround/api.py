@@ -16,7 +16,7 @@ from adaround.act_config import uses_unit_loop
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
 from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
-from adaround.nn.act_quant import act_quant_spec, quantize_layer_input
+from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
 from adaround.reconstruct import LayerResult, adaround_layer
@@ -184,9 +184,9 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
         del xq, target, moments
         report.append(result)
         log.info(
-            "%s (W%d%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, "
+            "%s (W%d%s%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, "
             "%s, %.1fs",
-            plan.name, plan.bits,
+            plan.name, plan.bits, act_note(qlayer),
             f", loss after {plan.info.activation_name}" if activation is not None else "",
             result.loss_nearest, result.loss_adaround, 100 * result.flipped,
             _describe(result, cfg, plan), result.seconds,

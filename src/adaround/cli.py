@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from adaround.allocator import keep_freed_memory
+from adaround.cli_act import act_config_kwargs, add_act_options
 from adaround.config import QuantConfig
 from adaround.errors import AdaRoundError
 from adaround.hf.cli import add_hf_options
@@ -83,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         loss_after_activation=not args.no_activation_loss, loss=args.loss,
         early_stop=not args.no_early_stop, memory_budget_mb=args.memory_budget_mb,
         group_size=getattr(args, "group_size", None),
+        **act_config_kwargs(args),
     )
 
 
@@ -107,6 +109,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     adaround.save(qmodel, args.output)
     print(f"quantized {len(qmodel.adaround_meta['layers'])} layers in "
           f"{time.perf_counter() - start:.1f}s -> {args.output}")
+    if cfg.act_bits is not None:
+        from adaround.act_calibration import describe_convention
+
+        print(describe_convention(cfg, list(qmodel.adaround_meta["layers"])))
     return EXIT_OK
 
 
@@ -271,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "this many MB, spilling the rest to temporary files on disk")
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
+    add_act_options(q)
     _add_data_options(q)
     add_hf_options(q)
     q.set_defaults(func=cmd_quantize)

@@ -130,3 +130,12 @@ def quantize_layer_input(qlayer: nn.Module, x: Any) -> Any:
         x = x.load()
     with torch.no_grad():
         return act_quant(x)
+
+
+def act_note(qlayer: nn.Module) -> str:
+    """", input A4u [0, 2.99]" for a layer with an ActQuant (for log lines), else ""."""
+    aq = getattr(qlayer, "act_quant", None)
+    if aq is None:
+        return ""
+    lo, hi = aq.range
+    return f", input A{aq.bits}{'s' if aq.signed else 'u'} [{lo:.3g}, {hi:.3g}]"
