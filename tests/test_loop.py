@@ -106,3 +106,20 @@ def test_written_out_gradient_loop_equals_the_autograd_loop(loss: str) -> None:
     assert ((h > 0.05) & (h < 0.95)).float().mean() < 0.5  # the run got somewhere
     assert not torch.equal(ref, qlayer.nearest_codes())  # and learned something
     assert torch.equal(ours, ref)
+
+
+def test_compiled_step_functions_give_the_codes_of_the_eager_ones() -> None:
+    from adaround.reconstruct.loop import Objective, QuadraticLoss, run_rounding
+    from adaround.reconstruct.quadratic import accumulate_moments
+
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 5).double()
+    qlayer = QuantLayer(layer, bits=3, symmetric=True, per_channel=True)
+    qlayer.fit_grid("mse")
+    x = torch.randn(64, 12, dtype=torch.float64)
+    moments = accumulate_moments(layer, [(x + 0.2 * torch.randn_like(x), x)])
+    codes = [run_rounding(qlayer, Objective(QuadraticLoss(qlayer, moments)), QuantConfig(
+        iters=200, lr=1e-2, reg_weight=0.1, early_stop=False, compile=compiled))[0]
+        for compiled in (False, True)]
+    assert not torch.equal(codes[0], qlayer.nearest_codes())
+    assert torch.equal(codes[0], codes[1])

@@ -97,6 +97,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     fold_bn: bool = True
     memory_budget_mb: float | None = None
+    compile: bool = False
     act_bits: int | None = None
     act_range: str | None = None  # None: the method's ("minmax" for AdaRound)
     act_percentile: float = 99.99
@@ -140,7 +141,7 @@ class QuantConfig:
             )
         if not 0.0 <= self.warm_start < 1.0:
             raise ConfigError(f"warm_start={self.warm_start} must be in [0, 1)")
-        for name in ("per_channel", "symmetric", "loss_after_activation", "early_stop",
+        for name in ("per_channel", "symmetric", "loss_after_activation", "early_stop", "compile",
                      "fold_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")

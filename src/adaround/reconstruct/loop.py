@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -207,10 +208,40 @@ def h_and_slope(v: Tensor) -> tuple[Tensor, Tensor]:
     return stretched.clamp(0.0, 1.0), slope
 
 
-def regularizer_grad(h: Tensor, beta: float) -> Tensor:
+def regularizer_grad(h: Tensor, beta: float | Tensor) -> Tensor:
     """d f_reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)."""
     u = 2 * h - 1
-    return u.abs().pow(beta - 1).mul_(u.sign()).mul_(-2 * beta)
+    return u.abs().pow(beta - 1) * u.sign() * (-2 * beta)
+
+
+def relax_weight(v: Tensor, base: Tensor, zero_point: Tensor, scale: Tensor, qmin: int,
+                 qmax: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h(V), dh/dV, the relaxed weight W~ and where W~ lies inside the grid (eq. 22)."""
+    h, slope = h_and_slope(v)
+    codes = base + h
+    weight = (codes.clamp(qmin, qmax) - zero_point) * scale
+    return h, slope, weight, (codes >= qmin) & (codes <= qmax)
+
+
+def v_gradient(grad_w: Tensor, scale: Tensor, in_grid: Tensor, h: Tensor, slope: Tensor,
+               beta: Tensor, reg_weight: Tensor) -> Tensor:
+    """d(loss + reg_weight * f_reg)/dV from dL/dW~, through the grid clip and h(V). beta and
+    reg_weight are 0-dim tensors, so a compiled version does not specialise on their values."""
+    grad_h = grad_w * scale * in_grid
+    return (grad_h + reg_weight * regularizer_grad(h, beta)) * slope
+
+
+_COMPILED: list[Any] = []
+
+
+def step_functions(compiled: bool) -> tuple[Any, Any]:
+    """The element-wise parts of a step, fused into one kernel each by torch.compile if asked
+    (one compilation per process, for all shapes)."""
+    if not compiled:
+        return relax_weight, v_gradient
+    if not _COMPILED:
+        _COMPILED.extend(torch.compile(f, dynamic=True) for f in (relax_weight, v_gradient))
+    return _COMPILED[0], _COMPILED[1]
 
 
 @torch.no_grad()
@@ -230,17 +261,15 @@ def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
     adam = Adam(v, cfg.lr)
     stop = EarlyStop() if cfg.early_stop else None
     steps_run = cfg.iters
+    relax, chain = step_functions(cfg.compile)
     for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
-        h, slope = h_and_slope(v)
-        codes = base + h
-        weight = (codes.clamp(qlayer.qmin, qlayer.qmax) - zero_point) * scale
-        in_grid = (codes >= qlayer.qmin) & (codes <= qlayer.qmax)
-        grad_h = objective.at(step).weight_grad(weight).mul_(scale).mul_(in_grid)
+        h, slope, weight, in_grid = relax(v, base, zero_point, scale, qlayer.qmin, qlayer.qmax)
+        grad_w = objective.at(step).weight_grad(weight)
         beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
                        cfg.beta_decay)
-        if beta is not None:
-            grad_h.add_(regularizer_grad(h, beta), alpha=cfg.reg_weight)
-        adam.step(grad_h.mul_(slope))
+        reg = cfg.reg_weight if beta is not None else 0.0
+        adam.step(chain(grad_w, scale, in_grid, h, slope, v.new_tensor(beta or 1.0),
+                        v.new_tensor(reg)))
         if beta is not None and stop is not None and stop.update(step, h):
             steps_run = step + 1
             objective.main.skip(cfg.iters - steps_run)
