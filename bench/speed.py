@@ -89,7 +89,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     cfg = adaround.QuantConfig(weight_bits=args.bits, per_channel=args.grid == "channel",
                                iters=args.iters, seed=args.seed, loss=args.loss,
                                early_stop=not args.no_early_stop,
-                               memory_budget_mb=args.memory_budget_mb)
+                               memory_budget_mb=args.memory_budget_mb, compile=args.compile)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     qmodel = adaround.quantize(model, calib, cfg)
@@ -105,7 +105,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         "tool": "adaround", "version": adaround.__version__, "model": args.model,
         "bits": args.bits, "grid": args.grid, "num_calib": len(calib), "iters": args.iters,
         "loss": args.loss, "early_stop": not args.no_early_stop, "top1": top1,
-        "memory_budget_mb": args.memory_budget_mb,
+        "memory_budget_mb": args.memory_budget_mb, "compile": args.compile,
         "seconds": seconds, "peak_rss_mb": rss_peak, "rss_before_mb": rss_before,
         "data_seconds": sum(r.data_seconds for r in layers), "step_seconds": step_seconds,
         "other_seconds": seconds - sum(r.data_seconds + r.step_seconds for r in layers),
@@ -140,6 +140,8 @@ def _worker_cmd(args: argparse.Namespace, num_calib: int) -> list[str]:
         cmd.append("--no-eval")
     if args.memory_budget_mb is not None:
         cmd += ["--memory-budget-mb", str(args.memory_budget_mb)]
+    if args.compile:
+        cmd.append("--compile")
     return cmd
 
 
@@ -221,6 +223,7 @@ def main() -> int:
     p.add_argument("--no-early-stop", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy (timing only)")
     p.add_argument("--memory-budget-mb", type=float, help="QuantConfig.memory_budget_mb")
+    p.add_argument("--compile", action="store_true", help="QuantConfig.compile")
     p.add_argument("--aimet-python", default=DEFAULT_AIMET)
     p.add_argument("--no-aimet", action="store_true")
     p.add_argument("--scaling", type=int, nargs="+", help="calibration-set sizes to time")

@@ -83,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
         loss_after_activation=not args.no_activation_loss, loss=args.loss,
         early_stop=not args.no_early_stop, memory_budget_mb=args.memory_budget_mb,
+        compile=args.compile,
         group_size=getattr(args, "group_size", None),
         **act_config_kwargs(args),
     )
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "where its step is cheaper, else sampled")
     q.add_argument("--memory-budget-mb", type=float, help="keep cached activations within "
                    "this many MB, spilling the rest to temporary files on disk")
+    q.add_argument("--compile", action="store_true", help="fuse the element-wise step "
+                   "with torch.compile (pays off on large layers and long runs)")
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
     add_act_options(q)
