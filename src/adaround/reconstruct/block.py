@@ -101,7 +101,7 @@ class UnitObjective:
     def __init__(self, qunit: nn.Module, inputs: UnitInputs, target: Tensor,
                  activation: Callable[[Tensor], Tensor] | None, channel_dim: int,
                  weights: Tensor | None) -> None:
-        self.qunit, self.inputs, self.target = qunit, inputs, target
+        self.qunit, self.inputs, self.target = qunit, inputs, target.detach()
         self.activation, self.channel_dim, self.weights = activation, channel_dim, weights
 
     def loss(self, params: dict[str, Tensor], idx: Tensor | slice) -> Tensor:
