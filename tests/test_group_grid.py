@@ -117,3 +117,38 @@ def test_quantize_end_to_end_with_groups_saves_and_loads(tmp_path) -> None:
     back = adaround.load(path, net)
     x = torch.randn(7, 32)
     assert torch.equal(back(x), qnet(x))
+
+
+def test_onnx_export_of_groups_is_blocked_dequantize_linear_matching_onnxruntime() -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from adaround.export import build_onnx
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    for shape, symmetric in (((32,), True), ((5, 32), False)):  # Gemm, and MatMul (transposed)
+        cfg = QuantConfig(rounding="nearest", group_size=8, symmetric=symmetric)
+        qnet = quantize(net, torch.randn(64, *shape), cfg)
+        proto = build_onnx(qnet, torch.randn(1, *shape))
+        dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dq) == 2 and all(
+            {a.name: a.i for a in n.attribute}["block_size"] == 8 for n in dq)
+        session = ort.InferenceSession(proto.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        x = torch.randn(3, *shape)
+        got = session.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, qnet(x).numpy(), atol=1e-5, rtol=0)
+    assert onnx.checker.check_model(proto) is None
+
+
+def test_encodings_export_refuses_groups_with_the_fix(tmp_path) -> None:
+    pytest.importorskip("onnx")
+    from adaround import ExportError, export_encodings
+
+    net = nn.Sequential(nn.Linear(32, 4))
+    qnet = quantize(net, torch.randn(64, 32), QuantConfig(rounding="nearest", group_size=16))
+    with pytest.raises(ExportError, match="export this model as ONNX"):
+        export_encodings(qnet, tmp_path / "e.json")

@@ -58,6 +58,11 @@ def _entries(bits: int, symmetric: bool, scales: np.ndarray, offsets: np.ndarray
 
 def param_encoding(qlayer: QuantLayer) -> list[dict[str, Any]]:
     """The encodings of one QuantLayer's weight (one entry per channel when per channel)."""
+    if qlayer.group_size is not None:
+        raise ExportError(
+            f"the encodings format {ENCODINGS_VERSION} has no group-wise grids "
+            f"(group_size={qlayer.group_size}): export this model as ONNX (blocked "
+            "DequantizeLinear) or as the packed file, or quantize per channel")
     scales = qlayer.scale.detach().cpu().float().reshape(-1).numpy()
     if qlayer.symmetric:
         offsets = np.full(scales.shape, -(2 ** (qlayer.bits - 1)), dtype=np.int64)

@@ -114,6 +114,12 @@ def quantize_weight(proto: Any, site: WeightSite) -> None:
     scale = qlayer.scale.detach().cpu().float().numpy()
     zero_point = qlayer.zero_point.detach().cpu().double().round().numpy()
     shape: tuple[int, ...] = () if axis is None else (codes.shape[axis],)
+    attrs: dict[str, int] = {} if axis is None else {"axis": axis}
+    if qlayer.group_size is not None:
+        # blocked quantization (opset 21): scale [C_out, C_in / g] blocked along the input axis
+        scale, zero_point = (scale.T, zero_point.T) if site.transposed else (scale, zero_point)
+        shape = scale.shape
+        attrs = {"axis": 0 if site.transposed else 1, "block_size": qlayer.group_size}
     name = site.initializer
     inputs = [
         _initializer(proto, f"{name}_quantized", codes.astype(np_type)),
@@ -122,7 +128,6 @@ def quantize_weight(proto: Any, site: WeightSite) -> None:
     if not qlayer.symmetric:
         inputs.append(_initializer(proto, f"{name}_zero_point",
                                    zero_point.reshape(shape).astype(np_type)))
-    attrs = {} if axis is None else {"axis": axis}
     node = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear",
                             **attrs)
     kept = [init for init in proto.graph.initializer if init.name != name]
