@@ -155,6 +155,8 @@ def test_bad_inputs_name_the_fix() -> None:
         quantize_hf(model, padded_batch(), QuantConfig(exclude=("*",)))
     with pytest.raises(adaround.ConfigError, match="divisor of 32"):
         quantize_hf(model, padded_batch(), QuantConfig(group_size=24))
+    with pytest.raises(adaround.ConfigError, match="drop act_bits"):
+        quantize_hf(model, padded_batch(), QuantConfig(act_bits=8))
     assert find_blocks(model)[0] == "encoder.layer"
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from adaround.api import META_ATTR, REPORT_ATTR
 from adaround.calibration import check_finite_weights, model_device
 from adaround.config import QuantConfig
+from adaround.errors import ConfigError
 from adaround.hf.blocks import (
     BlockCall,
     Reached,
@@ -67,6 +68,7 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
         ...                      tokenizer=tokenizer)
     """
     cfg = config or QuantConfig(per_channel=True, loss="quadratic")
+    _refuse_unsupported(cfg)
     opts = options or HFOptions()
     start = time.perf_counter()
     check_finite_weights(model)
@@ -113,6 +115,15 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
              " (%.0f MB spilled to disk)", len(plan.bits), len(blocks), stats.seconds,
              stats.peak_rss_mb, stats.peak_cached_mb, stats.spilled_mb)
     return qmodel
+
+
+def _refuse_unsupported(cfg: QuantConfig) -> None:
+    if getattr(cfg, "act_bits", None) is not None:
+        raise ConfigError(f"quantize_hf rounds weights only, act_bits={cfg.act_bits} asks for "
+                          "quantized activations: drop act_bits (or use adaround.quantize)")
+    if getattr(cfg, "unit", None) not in (None, "layer"):
+        raise ConfigError(f"quantize_hf reconstructs each Linear within its block, not "
+                          f"unit={cfg.unit!r}: drop unit / method")
 
 
 def _run(qmodel: nn.Module, blocks: nn.ModuleList, plan: HFPlan, batches: list[dict],
