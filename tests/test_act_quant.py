@@ -135,3 +135,15 @@ def test_w4a8_layerwise_costs_little_against_w4a32() -> None:
         ref = model(test)
         err32, err8 = ((m(test) - ref).pow(2).mean().item() for m in (w4, w4a8))
     assert err8 < 1.5 * err32
+
+
+def test_save_and_load_keep_the_input_quantizers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, x = tiny_resnet(), images(128)
+    qmodel = adaround.quantize(model, x, QuantConfig(weight_bits=4, act_bits=4, method="brecq",
+                                                     iters=50, batch_size=16))
+    adaround.save(qmodel, tmp_path / "m.st")
+    loaded = adaround.load(tmp_path / "m.st", model)
+    assert act_quant_spec(loaded) == act_quant_spec(qmodel)
+    test = images(64, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(test), qmodel(test))
