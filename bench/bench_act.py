@@ -65,10 +65,43 @@ def make_config(setting: str, method: str, args: argparse.Namespace) -> adaround
                                 **common)
 
 
+def table(paths: list[Path]) -> str:
+    """One markdown table of every run in the JSON-lines files (the last run of a cell wins):
+    a row per model and W/A setting, a column per method, top-1 % (delta to FP)."""
+    cells: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                run = json.loads(line)
+                cells.setdefault((run["model"], run["setting"]), {})[run["method"]] = run
+    head = ("| model | W/A | FP | nearest | AdaRound (layer) | BRECQ | QDrop | calib | iters |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    order = {m: i for i, m in enumerate(["resnet20", "resnet56", "efficientnet_lite0"])}
+    for (model, setting), runs in sorted(cells.items(), key=lambda kv: (
+            order.get(kv[0][0], 9), list(SETTINGS).index(kv[0][1]))):
+        any_run = next(iter(runs.values()))
+        fp = any_run["fp_top1"]
+
+        def cell(method: str, runs: dict[str, dict[str, Any]] = runs, fp: float = fp) -> str:
+            run = runs.get(method)
+            if run is None:
+                return "-"
+            fisher = " (Fisher)" if run.get("fisher") else ""
+            return f"{run['top1']:.2f} ({run['top1'] - fp:+.2f}){fisher}"
+
+        iters = sorted({str(r["iters"]) for m, r in runs.items() if m != "nearest"})
+        rows.append(f"| {model} | {setting[1:].replace('A', '/')} | {fp:.2f} | "
+                    + " | ".join(cell(m) for m in METHODS)
+                    + f" | {any_run['num_calib']} | {'/'.join(iters) or '-'} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["resnet20", "resnet56", "efficientnet_lite0"],
-                   required=True)
+    p.add_argument("--table", type=Path, nargs="+",
+                   help="only print the table of these JSON-lines files, run nothing")
+    p.add_argument("--model", choices=["resnet20", "resnet56", "efficientnet_lite0"])
     p.add_argument("--setting", nargs="+", choices=list(SETTINGS),
                    default=["W4A8", "W4A4", "W2A4"])
     p.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS))
@@ -85,6 +118,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
+    if args.model is None:
+        p.error("--model is required (or --table to print results)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     keep_freed_memory()
     if args.threads:
