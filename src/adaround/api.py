@@ -20,6 +20,7 @@ from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
 from adaround.reconstruct import LayerResult, adaround_layer
+from adaround.reconstruct.batched import round_stacked
 from adaround.reconstruct.quadratic import (
     Moments,
     UnfoldError,
@@ -156,7 +157,9 @@ def _round_layers(
     budget = cfg.memory_budget_mb
     store = SpillStore(int(budget * 2**20)) if budget is not None else None
     try:
-        engine = make_engine(fp, qmodel, list(x.split(FORWARD_BATCH)), names, store)
+        # inputs="float": both streams are the FP network, and the layers are independent
+        source = fp if cfg.inputs == "float" else qmodel
+        engine = make_engine(fp, source, list(x.split(FORWARD_BATCH)), names, store)
         return _reconstruct_each(engine, qmodel, plans, cfg, progress)
     finally:
         if store is not None:
@@ -169,6 +172,7 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
     """AdaRound every planned layer in execution order (nearest where it cannot)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     report: list[LayerResult] = []
+    stacked: list[tuple[str, QuantLayer, Moments]] = []
     for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):
         if plan.info is None or not plan.reconstructable:
             _round_to_nearest(qmodel, [plan])
@@ -179,16 +183,33 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
         xq, target = engine.layer_data(plan.name, activation)
         xq = quantize_layer_input(qlayer, xq)  # x^ includes the layer's activation grid
         moments = _layer_moments(engine, plan.name, qlayer, xq, cfg)
+        if cfg.inputs == "float" and moments is not None and cfg.loss in ("auto", "quadratic"):
+            stacked.append((plan.name, qlayer, moments))  # rounded below, with its likes
+            continue
         result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                 progress, start, moments)
         del xq, target, moments
         report.append(result)
-        log.info(
-            "%s (W%d%s%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, "
-            "%s, %.1fs",
-            plan.name, plan.bits, act_note(qlayer),
-            f", loss after {plan.info.activation_name}" if activation is not None else "",
-            result.loss_nearest, result.loss_adaround, 100 * result.flipped,
-            _describe(result, cfg, plan), result.seconds,
-        )
-    return report
+        _log_layer(result, plan, qlayer, cfg, activation is not None)
+    by_name = {p.name: p for p in plans}
+    for result in round_stacked(stacked, cfg, progress):
+        report.append(result)
+        qlayer = qmodel.get_submodule(result.name)
+        _log_layer(result, by_name[result.name], qlayer, cfg, False)
+    order = {p.name: i for i, p in enumerate(plans)}
+    return sorted(report, key=lambda r: order[r.name])
+
+
+def _log_layer(result: LayerResult, plan: LayerPlan, qlayer: QuantLayer, cfg: QuantConfig,
+               after_activation: bool) -> None:
+    assert plan.info is not None
+    log.info(
+        "%s (W%d%s%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, "
+        "%s%s, %.1fs",
+        plan.name, plan.bits, act_note(qlayer),
+        f", loss after {plan.info.activation_name}" if after_activation else "",
+        result.loss_nearest, result.loss_adaround, 100 * result.flipped,
+        _describe(result, cfg, plan),
+        f", in one loop with {result.batched - 1} like it" if result.batched > 1 else "",
+        result.seconds,
+    )

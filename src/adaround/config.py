@@ -13,6 +13,9 @@ paper's sampled loss elsewhere (accuracy and time of each: BENCHMARKS.md). `loss
 is the paper exactly.
 `group_size` gives each run of that many consecutive input weights of an output channel its
 own grid (Linear and Embedding layers; it must divide their input dimension), per channel implied.
+`inputs="float"` takes each layer's input from the FP network (the paper's symmetric
+reconstruction) instead of the partly quantized one (eq. 25, the default): the layers are then
+independent, and those of one shape are rounded in one loop with batched kernels.
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
 
@@ -43,6 +46,7 @@ ROUNDING_MODES = ("adaround", "nearest")
 SCALE_METHODS = ("mse", "minmax")
 BETA_DECAYS = ("cosine", "linear")
 LOSSES = ("auto", "sampled", "quadratic", "quadratic_warmup")
+INPUTS = ("quantized", "float")
 
 
 def _check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -98,6 +102,7 @@ class QuantConfig:
     fold_bn: bool = True
     memory_budget_mb: float | None = None
     compile: bool = False
+    inputs: str = "quantized"
     act_bits: int | None = None
     act_range: str | None = None  # None: the method's ("minmax" for AdaRound)
     act_percentile: float = 99.99
@@ -125,6 +130,7 @@ class QuantConfig:
         _check_choice("scale_method", self.scale_method, SCALE_METHODS)
         _check_choice("beta_decay", self.beta_decay, BETA_DECAYS)
         _check_choice("loss", self.loss, LOSSES)
+        _check_choice("inputs", self.inputs, INPUTS)
         if self.memory_budget_mb is not None:
             _check_positive("memory_budget_mb", self.memory_budget_mb)
         _check_int_range("iters", self.iters, 1)

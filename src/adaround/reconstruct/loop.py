@@ -43,6 +43,7 @@ class LayerResult:
     objective: str = "sampled"  # the loss optimised: "sampled", "quadratic", "quadratic_warmup"
     data_seconds: float = 0.0  # inputs, targets and moments, before the first step
     step_seconds: float = 0.0  # the optimisation steps
+    batched: int = 1  # layers that shared this layer's loop (inputs="float")
 
 
 @torch.no_grad()
@@ -247,14 +248,22 @@ def step_functions(compiled: bool) -> tuple[Any, Any]:
 @torch.no_grad()
 def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
                  progress: bool = False, desc: str = "") -> tuple[Tensor, int]:
-    """Learn V by Adam on loss + lambda * f_reg; return the hard codes and the steps run.
+    """Learn V by Adam on loss + lambda * f_reg; return the hard codes and the steps run."""
+    return round_weights(qlayer.layer.weight.detach(), qlayer.weight_scale(),
+                         qlayer.weight_zero_point(), qlayer.qmin, qlayer.qmax, objective, cfg,
+                         progress, desc)
+
+
+@torch.no_grad()
+def round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                  objective: Objective, cfg: QuantConfig, progress: bool = False,
+                  desc: str = "") -> tuple[Tensor, int]:
+    """The loop of `run_rounding` on any weight tensor (also a stack of several layers').
 
     The chain from the loss to V is written out (dL/dW~ from the loss, then through the grid
     clip, h(V) and the regularizer): the same gradient autograd computes (tested), at a third
     of the per-step cost on small layers, where the step is dominated by Python and op launches.
     """
-    w = qlayer.layer.weight.detach()
-    scale, zero_point = qlayer.weight_scale(), qlayer.weight_zero_point()
     w_floor = torch.floor(w / scale)
     base = w_floor + zero_point
     v = init_v(w / scale - w_floor)
@@ -263,7 +272,7 @@ def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
     steps_run = cfg.iters
     relax, chain = step_functions(cfg.compile)
     for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
-        h, slope, weight, in_grid = relax(v, base, zero_point, scale, qlayer.qmin, qlayer.qmax)
+        h, slope, weight, in_grid = relax(v, base, zero_point, scale, qmin, qmax)
         grad_w = objective.at(step).weight_grad(weight)
         beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
                        cfg.beta_decay)
@@ -274,7 +283,7 @@ def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
             steps_run = step + 1
             objective.main.skip(cfg.iters - steps_run)
             break
-    return hard_codes(w_floor, v, zero_point, qlayer.qmin, qlayer.qmax), steps_run
+    return hard_codes(w_floor, v, zero_point, qmin, qmax), steps_run
 
 
 def optimise_rounding(
