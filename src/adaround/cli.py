@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
         loss_after_activation=not args.no_activation_loss, loss=args.loss,
         early_stop=not args.no_early_stop, memory_budget_mb=args.memory_budget_mb,
-        compile=args.compile,
+        compile=args.compile, inputs=args.inputs,
         group_size=getattr(args, "group_size", None),
         **act_config_kwargs(args),
     )
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "where its step is cheaper, else sampled")
     q.add_argument("--memory-budget-mb", type=float, help="keep cached activations within "
                    "this many MB, spilling the rest to temporary files on disk")
+    q.add_argument("--inputs", choices=["quantized", "float"], default=d.inputs,
+                   help="each layer's input from the partly quantized network (paper eq. 25, "
+                   "default) or the FP one (layers independent, same shapes batched)")
     q.add_argument("--compile", action="store_true", help="fuse the element-wise step "
                    "with torch.compile (pays off on large layers and long runs)")
     q.add_argument("--no-early-stop", action="store_true",
