@@ -91,9 +91,10 @@ def run_ours(args: argparse.Namespace) -> dict:
                                early_stop=not args.no_early_stop,
                                memory_budget_mb=args.memory_budget_mb, compile=args.compile)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     qmodel = adaround.quantize(model, calib, cfg)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    load = os.getloadavg()[0]
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     top1 = accuracy(qmodel, x_eval, y_eval)[1] if not args.no_eval else None
     layers = qmodel.adaround_report
@@ -106,7 +107,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         "bits": args.bits, "grid": args.grid, "num_calib": len(calib), "iters": args.iters,
         "loss": args.loss, "early_stop": not args.no_early_stop, "top1": top1,
         "memory_budget_mb": args.memory_budget_mb, "compile": args.compile,
-        "seconds": seconds, "peak_rss_mb": rss_peak, "rss_before_mb": rss_before,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "load_average": load,
+        "peak_rss_mb": rss_peak, "rss_before_mb": rss_before,
         "data_seconds": sum(r.data_seconds for r in layers), "step_seconds": step_seconds,
         "other_seconds": seconds - sum(r.data_seconds + r.step_seconds for r in layers),
         "steps_run": sum(r.iters for r in layers), "steps_max": len(layers) * args.iters,
