@@ -81,9 +81,14 @@ def _autograd_reference(qlayer, objective, cfg):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("loss", ["sampled", "quadratic"])
-def test_written_out_gradient_loop_equals_the_autograd_loop(loss: str) -> None:
+def test_written_out_gradient_loop_equals_the_autograd_loop(loss: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from adaround.reconstruct import loop
     from adaround.reconstruct.loop import Objective, QuadraticLoss, SampledLoss, run_rounding
     from adaround.reconstruct.quadratic import accumulate_moments
+
+    # torch.optim.Adam's own (foreach) arithmetic: the fused kernel differs from it in the
+    # last bit (tested below), which 300 noisy sampled steps can amplify into a flipped code
+    monkeypatch.setattr(loop, "_FUSED_ADAM", False)
 
     torch.manual_seed(0)
     layer = nn.Conv2d(4, 6, 3, padding=1).double()
@@ -123,3 +128,27 @@ def test_compiled_step_functions_give_the_codes_of_the_eager_ones() -> None:
         for compiled in (False, True)]
     assert not torch.equal(codes[0], qlayer.nearest_codes())
     assert torch.equal(codes[0], codes[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_adam_follows_torch_adam_to_the_last_bit(dtype: torch.dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from adaround.reconstruct import loop
+
+    start = torch.randn(1000, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(loop, "_FUSED_ADAM", fused)
+        param, grads = start.clone(), torch.Generator().manual_seed(1)
+        adam = loop.Adam(param, lr=1e-2)
+        for _ in range(50):
+            adam.step(1e-3 * torch.randn(1000, dtype=dtype, generator=grads))
+        results.append(param)
+    reference = start.clone().requires_grad_(True)
+    optimizer, grads = torch.optim.Adam([reference], lr=1e-2), torch.Generator().manual_seed(1)
+    for _ in range(50):
+        reference.grad = 1e-3 * torch.randn(1000, dtype=dtype, generator=grads)
+        optimizer.step()
+    assert torch.equal(results[1], reference.detach())
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(results[0], results[1], rtol=2 * ulp, atol=2 * ulp)
+    assert not torch.equal(results[0], start)

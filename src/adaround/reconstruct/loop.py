@@ -91,8 +91,10 @@ class SampledLoss:
     def __call__(self, weight: Tensor) -> Tensor:
         idx = self._draw(self.batch_size)
         if isinstance(self.x, Tensor):
-            idx = idx.to(self.x.device)
-        out = apply_layer(self.layer, self.x[idx], weight)
+            batch = self.x[idx.to(self.x.device)]
+        else:  # spilled to disk: the batch in the layout the cached tensor would have had
+            batch = fast_layout(self.x[idx])
+        out = apply_layer(self.layer, batch, weight)
         if self.activation is not None:
             out = self.activation(out)
         return reconstruction_loss(out, self.target[idx], self.channel_dim)
@@ -185,17 +187,28 @@ class EarlyStop:
         return self.binary_since is not None and step + 1 - self.binary_since >= STOP_WINDOW
 
 
+_FUSED_ADAM = hasattr(torch, "_fused_adam_")
+
+
 class Adam:
-    """torch.optim.Adam's update (default settings) for one tensor whose gradient we compute."""
+    """torch.optim.Adam's update (default settings) for one tensor whose gradient we compute:
+    PyTorch's fused Adam kernel (one pass over memory) where this build has it."""
 
     def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
         self.m, self.v, self.t = torch.zeros_like(param), torch.zeros_like(param), 0
+        self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
 
     def step(self, grad: Tensor) -> None:
         b1, b2 = self.betas
         self.t += 1
+        if _FUSED_ADAM:
+            self.steps += 1
+            torch._fused_adam_([self.param], [grad], [self.m], [self.v], [], [self.steps],
+                               lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps,
+                               amsgrad=False, maximize=False)
+            return
         self.m.lerp_(grad, 1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
@@ -205,32 +218,34 @@ class Adam:
 def h_and_slope(v: Tensor) -> tuple[Tensor, Tensor]:
     """h(V) and dh/dV (zero where h is clipped at 0 or 1)."""
     sig = torch.sigmoid(v)
-    stretched = sig * (ZETA - GAMMA) + GAMMA
-    slope = sig * (1 - sig) * (ZETA - GAMMA) * ((stretched >= 0) & (stretched <= 1))
-    return stretched.clamp(0.0, 1.0), slope
+    h = (sig * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    slope = torch.where((h > 0) & (h < 1), sig * (1 - sig) * (ZETA - GAMMA), 0.0)
+    return h, slope
 
 
 def regularizer_grad(h: Tensor, beta: float | Tensor) -> Tensor:
-    """d f_reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)."""
+    """d f_reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1) (the power as exp2(log2):
+    twice as fast as pow on CPUs, and 0 at h = 1/2 for beta > 1)."""
     u = 2 * h - 1
-    return u.abs().pow(beta - 1) * u.sign() * (-2 * beta)
+    return torch.exp2(torch.log2(u.abs()) * (beta - 1)) * u.sign() * (-2 * beta)
 
 
-def relax_weight(v: Tensor, base: Tensor, zero_point: Tensor, scale: Tensor, qmin: int,
-                 qmax: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h(V), dh/dV, the relaxed weight W~ and where W~ lies inside the grid (eq. 22)."""
-    h, slope = h_and_slope(v)
-    codes = base + h
-    weight = (codes.clamp(qmin, qmax) - zero_point) * scale
-    return h, slope, weight, (codes >= qmin) & (codes <= qmax)
+def grid_constants(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
+                   qmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """floor(W / s), and W~ = w0 + h * s_live: weights whose floor + 1 leaves the grid are
+    clipped whatever h is (w0 holds their clipped value, s_live is 0 there)."""
+    w_floor = torch.floor(w / scale)
+    base = w_floor + zero_point
+    live = (base >= qmin) & (base + 1 <= qmax)
+    w0 = (base.clamp(qmin, qmax) - zero_point) * scale
+    return w_floor, w0, scale * live
 
 
-def v_gradient(grad_w: Tensor, scale: Tensor, in_grid: Tensor, h: Tensor, slope: Tensor,
-               beta: Tensor, reg_weight: Tensor) -> Tensor:
+def v_gradient(grad_w: Tensor, s_live: Tensor, h: Tensor, slope: Tensor, beta: Tensor,
+               reg_weight: Tensor) -> Tensor:
     """d(loss + reg_weight * f_reg)/dV from dL/dW~, through the grid clip and h(V). beta and
     reg_weight are 0-dim tensors, so a compiled version does not specialise on their values."""
-    grad_h = grad_w * scale * in_grid
-    return (grad_h + reg_weight * regularizer_grad(h, beta)) * slope
+    return (grad_w * s_live + reg_weight * regularizer_grad(h, beta)) * slope
 
 
 _COMPILED: list[Any] = []
@@ -240,9 +255,9 @@ def step_functions(compiled: bool) -> tuple[Any, Any]:
     """The element-wise parts of a step, fused into one kernel each by torch.compile if asked
     (one compilation per process, for all shapes)."""
     if not compiled:
-        return relax_weight, v_gradient
+        return h_and_slope, v_gradient
     if not _COMPILED:
-        _COMPILED.extend(torch.compile(f, dynamic=True) for f in (relax_weight, v_gradient))
+        _COMPILED.extend(torch.compile(f, dynamic=True) for f in (h_and_slope, v_gradient))
     return _COMPILED[0], _COMPILED[1]
 
 
@@ -287,21 +302,19 @@ def gpu_matmul_precision(device: torch.device) -> Iterator[None]:
 def _round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                    objective: Objective, cfg: QuantConfig, progress: bool,
                    desc: str) -> tuple[Tensor, int]:
-    w_floor = torch.floor(w / scale)
-    base = w_floor + zero_point
+    w_floor, w0, s_live = grid_constants(w, scale, zero_point, qmin, qmax)
     v = init_v(w / scale - w_floor)
     adam = Adam(v, cfg.lr)
     stop = EarlyStop() if cfg.early_stop else None
     steps_run = cfg.iters
     relax, chain = step_functions(cfg.compile)
     for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
-        h, slope, weight, in_grid = relax(v, base, zero_point, scale, qmin, qmax)
-        grad_w = objective.at(step).weight_grad(weight)
+        h, slope = relax(v)
+        grad_w = objective.at(step).weight_grad(torch.addcmul(w0, h, s_live))
         beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
                        cfg.beta_decay)
         reg = cfg.reg_weight if beta is not None else 0.0
-        adam.step(chain(grad_w, scale, in_grid, h, slope, v.new_tensor(beta or 1.0),
-                        v.new_tensor(reg)))
+        adam.step(chain(grad_w, s_live, h, slope, v.new_tensor(beta or 2.0), v.new_tensor(reg)))
         if beta is not None and stop is not None and stop.update(step, h):
             steps_run = step + 1
             objective.main.skip(cfg.iters - steps_run)
