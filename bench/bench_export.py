@@ -127,9 +127,9 @@ def report(path: Path) -> str:
             r = json.loads(line)
             runs[(r["model"], r["bits"], r["act_bits"], r["grid"])] = r
     acc = ["| model | setting | FP top-1 | simulated top-1 | onnxruntime top-1 | top-1 "
-           "disagreements | max abs logit diff | FP32 state dict KB | packed KB (ratio) | "
-           "QDQ ONNX KB | FP32 ONNX KB | encodings KB | weight initializers |",
-           "|" + "---|" * 13]
+           "disagreements | max abs logit diff (without int32 biases) | FP32 state dict KB | "
+           "packed KB (ratio) | packed reload | QDQ ONNX KB | FP32 ONNX KB | encodings KB | "
+           "weight initializers |", "|" + "---|" * 14]
     lat = ["| model | setting | FP32 b1 ms | QDQ b1 ms | QDQ folded b1 ms | FP32 b32 ms | "
            "QDQ b32 ms | QDQ folded b32 ms |", "|" + "---|" * 8]
     for r in runs.values():
@@ -140,8 +140,9 @@ def report(path: Path) -> str:
         acc.append(
             f"| {r['model']} | {setting} | {r['fp_top1']:.2f} | {r['sim_top1']:.2f} | "
             f"{r['ort_top1']:.2f} | {r['top1_disagreements']} / {r['eval_samples']} | "
-            f"{r['max_abs_diff']:.1e} | {_kb(sz['fp32.pt'])} | {_kb(sz['packed.safetensors'])} "
-            f"(1/{sz['fp32.pt'] / sz['packed.safetensors']:.1f}) | {_kb(sz['qdq.onnx'])} | "
+            f"{r['max_abs_diff']:.1e} ({r['max_abs_diff_exact']:.1e}) | {_kb(sz['fp32.pt'])} | "
+            f"{_kb(sz['packed.safetensors'])} (1/{sz['fp32.pt'] / sz['packed.safetensors']:.1f})"
+            f" | {'identical' if r['reload_identical'] else 'DIFFERENT'} | {_kb(sz['qdq.onnx'])} | "
             f"{_kb(sz['fp32.onnx'])} | {_kb(sz['model.encodings'])} | {types} |")
         lat.append(f"| {r['model']} | {setting} | " + " | ".join(
             f"{r[f'{k}_b{b}_ms']:.1f}" for b in (1, 32) for k in ("fp32", "qdq", "qdq_folded"))
