@@ -152,3 +152,18 @@ def test_fused_adam_follows_torch_adam_to_the_last_bit(dtype: torch.dtype, monke
     ulp = torch.finfo(dtype).eps
     torch.testing.assert_close(results[0], results[1], rtol=2 * ulp, atol=2 * ulp)
     assert not torch.equal(results[0], start)
+
+
+def test_small_layers_step_on_one_thread_and_the_setting_is_restored() -> None:
+    from adaround.reconstruct.loop import SMALL_STEP, step_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with step_threads(torch.zeros(SMALL_STEP - 1)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with step_threads(torch.zeros(SMALL_STEP)):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

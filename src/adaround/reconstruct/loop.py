@@ -280,8 +280,28 @@ def round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     clip, h(V) and the regularizer): the same gradient autograd computes (tested), at a third
     of the per-step cost on small layers, where the step is dominated by Python and op launches.
     """
-    with gpu_matmul_precision(w.device):
+    with gpu_matmul_precision(w.device), step_threads(w):
         return _round_weights(w, scale, zero_point, qmin, qmax, objective, cfg, progress, desc)
+
+
+SMALL_STEP = 50_000  # weights below which a CPU step runs on one thread
+
+
+@contextmanager
+def step_threads(w: Tensor) -> Iterator[None]:
+    """One CPU thread for the steps of small layers: below ~50k weights a step's kernels are
+    too short to split, and a second thread only adds synchronisation (measured: ResNet-20's
+    16- and 32-channel layers 1.3-1.6x faster on one thread than on two; 1152 x 192 1.3x
+    faster on two)."""
+    threads = torch.get_num_threads()
+    if w.device.type != "cpu" or threads == 1 or w.numel() >= SMALL_STEP:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager
