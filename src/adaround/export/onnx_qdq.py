@@ -40,15 +40,13 @@ from adaround.primitives import int_range
 log = logging.getLogger(__name__)
 
 
-def onnx_int_type(bits: int, signed: bool) -> tuple[int, Any]:
-    """The ONNX TensorProto type and numpy dtype that hold `bits`-bit codes."""
+def code_dtype(bits: int, signed: bool) -> Any:
+    """The numpy dtype of `bits`-bit codes: ml_dtypes' int4/uint4 (ONNX INT4/UINT4) or 8-bit."""
     import ml_dtypes
-    from onnx import TensorProto
 
     if bits <= 4:
-        return (TensorProto.INT4, ml_dtypes.int4) if signed else (TensorProto.UINT4,
-                                                                   ml_dtypes.uint4)
-    return (TensorProto.INT8, np.int8) if signed else (TensorProto.UINT8, np.uint8)
+        return ml_dtypes.int4 if signed else ml_dtypes.uint4
+    return np.int8 if signed else np.uint8
 
 
 def export_onnx(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...],
@@ -110,7 +108,7 @@ def quantize_weight(proto: Any, site: WeightSite) -> None:
     if site.transposed:
         codes = codes.T
         axis = None if axis is None else 1 - axis
-    _, np_type = onnx_int_type(qlayer.bits, qlayer.symmetric)
+    np_type = code_dtype(qlayer.bits, qlayer.symmetric)
     scale = qlayer.scale.detach().cpu().float().numpy()
     zero_point = qlayer.zero_point.detach().cpu().double().round().numpy()
     shape: tuple[int, ...] = () if axis is None else (codes.shape[axis],)
