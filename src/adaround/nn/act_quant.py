@@ -24,7 +24,9 @@ from adaround.primitives import int_range
 
 class _FakeQuant(torch.autograd.Function):
     """Fake quantization with the STE gradient for x and LSQ's for the step, optionally kept
-    only where `keep` (QDrop): one saved pair (x/s, codes) instead of autograd's chain."""
+    only where `keep` (QDrop). The forward pass prepares what the backward pass multiplies
+    by, so the backward pass is a product and a weighted sum (activations at 112x112 make
+    these element-wise passes the larger part of a block step)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int,  # type: ignore[override]
@@ -32,24 +34,26 @@ class _FakeQuant(torch.autograd.Function):
         xs = x / scale
         codes = torch.round(xs).clamp_(qmin, qmax)
         out = codes * scale
+        need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        pass_x = d_scale = None
+        if need_x or need_scale:
+            inside = (xs >= qmin) & (xs <= qmax)
+            if need_x:  # straight through inside the grid (and where QDrop keeps x)
+                pass_x = inside if keep is None else inside | ~keep
+            if need_scale:  # LSQ: d(q s)/ds = round(x/s) - x/s inside, qmin or qmax outside
+                d_scale = torch.where(inside, codes - xs, codes)
+                if keep is not None:
+                    d_scale.mul_(keep)
         if keep is not None:
             out = torch.where(keep, out, x)
-        ctx.qmin, ctx.qmax = qmin, qmax
-        ctx.save_for_backward(xs, codes, keep)
+        ctx.save_for_backward(pass_x, d_scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        xs, codes, keep = ctx.saved_tensors
-        inside = (xs >= ctx.qmin) & (xs <= ctx.qmax)
-        grad_x = grad_s = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * (inside if keep is None else inside | ~keep)
-        if ctx.needs_input_grad[1]:
-            d_scale = torch.where(inside, codes - xs, codes)  # LSQ: d(q s)/ds
-            if keep is not None:
-                d_scale = d_scale * keep
-            grad_s = (grad * d_scale).sum().reshape(())
+        pass_x, d_scale = ctx.saved_tensors
+        grad_x = grad * pass_x if pass_x is not None else None
+        grad_s = (grad * d_scale).sum().reshape(()) if d_scale is not None else None
         return grad_x, grad_s, None, None, None
 
 
