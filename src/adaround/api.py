@@ -66,6 +66,10 @@ def quantize(
 ) -> nn.Module:
     """Quantize `model`'s weights with AdaRound (or nearest rounding) and return a new module.
 
+    With `config.act_bits`, every quantized layer's input is fake-quantized too, and the
+    reconstruction unit (layer or block), QDrop and learned activation steps follow the config
+    (BRECQ and QDrop are `method="brecq"` / `"qdrop"`).
+
     Example:
         >>> cfg = QuantConfig(weight_bits=4, iters=10)
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
