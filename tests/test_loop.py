@@ -134,19 +134,26 @@ def test_compiled_step_functions_give_the_codes_of_the_eager_ones() -> None:
 def test_fused_adam_follows_torch_adam_to_the_last_bit(dtype: torch.dtype, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from adaround.reconstruct import loop
 
-    start = torch.randn(1000, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    shape = (6, 5, 3, 3)
+    start = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+
+    def gradient(grads: torch.Generator) -> torch.Tensor:
+        # in channels-last layout, as a convolution's weight gradient comes back
+        g = 1e-3 * torch.randn(shape, dtype=dtype, generator=grads)
+        return g.contiguous(memory_format=torch.channels_last)
+
     results = []
     for fused in (True, False):
         monkeypatch.setattr(loop, "_FUSED_ADAM", fused)
         param, grads = start.clone(), torch.Generator().manual_seed(1)
         adam = loop.Adam(param, lr=1e-2)
         for _ in range(50):
-            adam.step(1e-3 * torch.randn(1000, dtype=dtype, generator=grads))
+            adam.step(gradient(grads))
         results.append(param)
     reference = start.clone().requires_grad_(True)
     optimizer, grads = torch.optim.Adam([reference], lr=1e-2), torch.Generator().manual_seed(1)
     for _ in range(50):
-        reference.grad = 1e-3 * torch.randn(1000, dtype=dtype, generator=grads)
+        reference.grad = gradient(grads)
         optimizer.step()
     assert torch.equal(results[1], reference.detach())
     ulp = torch.finfo(dtype).eps

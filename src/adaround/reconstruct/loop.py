@@ -205,6 +205,9 @@ class Adam:
         self.t += 1
         if _FUSED_ADAM:
             self.steps += 1
+            # the fused kernel walks raw memory: a gradient in another layout (channels-last,
+            # from a convolution's weight gradient) must be laid out as the parameter first
+            grad = grad.contiguous()
             torch._fused_adam_([self.param], [grad], [self.m], [self.v], [], [self.steps],
                                lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps,
                                amsgrad=False, maximize=False)
