@@ -50,7 +50,8 @@ METHODS = ("nearest", "adaround", "brecq", "qdrop")
 def make_config(setting: str, method: str, args: argparse.Namespace) -> adaround.QuantConfig:
     wbits, abits, eight = SETTINGS[setting]
     common: dict[str, Any] = dict(weight_bits=wbits, per_channel=args.grid == "channel",
-                                  iters=args.iters, seed=args.seed, act_bits=abits)
+                                  iters=args.iters, seed=args.seed, act_bits=abits,
+                                  batch_size=args.batch_size)
     if eight:
         common.update(first_last_bits=8, input_act_bits=8, last_act_bits=8)
     layer_range = None
@@ -90,7 +91,9 @@ def table(paths: list[Path]) -> str:
             fisher = " (Fisher)" if run.get("fisher") else ""
             return f"{run['top1']:.2f} ({run['top1'] - fp:+.2f}){fisher}"
 
-        iters = sorted({str(r["iters"]) for m, r in runs.items() if m != "nearest"})
+        iters = sorted({str(r["iters"]) + (f" (batch {r['batch_size']})"
+                                           if r.get("batch_size", 32) != 32 else "")
+                        for m, r in runs.items() if m != "nearest"})
         rows.append(f"| {model} | {setting[1:].replace('A', '/')} | {fp:.2f} | "
                     + " | ".join(cell(m) for m in METHODS)
                     + f" | {any_run['num_calib']} | {'/'.join(iters) or '-'} |")
@@ -109,6 +112,7 @@ def main() -> int:
     p.add_argument("--num-calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=2000, help="iterations per unit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per step (32)")
     p.add_argument("--loss", choices=["auto", "sampled"], default="sampled",
                    help="layer-wise AdaRound's loss (sampled: the paper's)")
     p.add_argument("--adaround-range", choices=["minmax", "mse", "percentile"],
@@ -166,11 +170,13 @@ def main() -> int:
                         "unit": cfg.unit, "qdrop": cfg.qdrop, "fisher": cfg.fisher,
                         "blocks": units, "top1": top1, "fp_top1": fp, "seconds": seconds,
                         "num_calib": len(calib), "iters": args.iters,
+                        "batch_size": args.batch_size,
                         "loss": cfg.loss if method == "adaround" else "sampled",
                         "eval_samples": len(x_eval), "seed": args.seed, "machine": machine,
                         "commit": commit,
                     }) + "\n")
-    print(f"\n{len(calib)} calibration samples, {args.iters} iterations per unit, batch 32, "
+    print(f"\n{len(calib)} calibration samples, {args.iters} iterations per unit, batch "
+          f"{args.batch_size}, "
           f"{len(x_eval)} evaluation samples; {machine}; commit {commit}")
     return 0
 
