@@ -152,3 +152,23 @@ def test_encodings_export_refuses_groups_with_the_fix(tmp_path) -> None:
     qnet = quantize(net, torch.randn(64, 32), QuantConfig(rounding="nearest", group_size=16))
     with pytest.raises(ExportError, match="export this model as ONNX"):
         export_encodings(qnet, tmp_path / "e.json")
+
+
+def test_group_grids_in_block_reconstruction() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), Block(), torch.nn.Linear(64, 4))
+    x = torch.randn(128, 32)
+    cfg = dict(weight_bits=3, group_size=32, iters=100, batch_size=16)
+    block = quantize(model, x, QuantConfig(unit="block", blocks=("1",), **cfg))
+    nearest = quantize(model, x, QuantConfig(rounding="nearest", **cfg))
+    assert block.get_submodule("1.a").scale.shape == (64, 2)
+    err = (block(x) - model(x)).pow(2).mean()
+    assert err < (nearest(x) - model(x)).pow(2).mean()

@@ -83,16 +83,16 @@ class _Rounding:
     def __init__(self, key: str, qlayer: QuantLayer) -> None:
         w = qlayer.layer.weight.detach()
         self.key, self.qlayer = key, qlayer
-        self.w_floor = torch.floor(w / qlayer.scale)
-        self.v = init_v(w / qlayer.scale - self.w_floor).requires_grad_(True)
+        self.w_floor = torch.floor(w / qlayer.weight_scale())
+        self.v = init_v(w / qlayer.weight_scale() - self.w_floor).requires_grad_(True)
 
     def soft(self, h: Tensor) -> Tensor:
         q = self.qlayer
-        return soft_weight(self.w_floor, h, q.scale, q.zero_point, q.qmin, q.qmax)
+        return soft_weight(self.w_floor, h, q.weight_scale(), q.weight_zero_point(), q.qmin, q.qmax)
 
     def hard(self) -> Tensor:
         q = self.qlayer
-        return hard_codes(self.w_floor, self.v.detach(), q.zero_point, q.qmin, q.qmax)
+        return hard_codes(self.w_floor, self.v.detach(), q.weight_zero_point(), q.qmin, q.qmax)
 
 
 class UnitObjective:
@@ -205,7 +205,7 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, inputs: UnitInputs, target: 
     act_quants = _act_quants(qunit, unit.name)
     scales_start = {n: float(aq.scale) for n, aq in act_quants.items()}
     nearest_codes = [q.nearest_codes() for q in qlayers]
-    nearest = {r.key: dequantize(c, r.qlayer.scale, r.qlayer.zero_point)
+    nearest = {r.key: dequantize(c, r.qlayer.weight_scale(), r.qlayer.weight_zero_point())
                for r, c in zip(roundings, nearest_codes)}
     objective = UnitObjective(qunit, inputs, target, activation, qlayers[-1].channel_dim, weights)
     loss_nearest = objective.evaluate(nearest)
