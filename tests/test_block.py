@@ -93,6 +93,7 @@ def test_a_layer_alone_in_the_unit_loop_gets_the_codes_of_the_paper_loop() -> No
                               None, cfg, torch.Generator().manual_seed(3))
     assert torch.equal(twin[0].codes, qmodel[0].codes)
     assert result.loss_adaround < result.loss_nearest and result.iters == 400
+    assert 0 < result.step_seconds < result.seconds  # steps, then data and losses around them
 
 
 @pytest.mark.parametrize("method", ["brecq", "qdrop"])

@@ -74,6 +74,7 @@ class BlockResult:
     flipped: float  # share of the unit's weights rounded differently from nearest
     iters: int
     seconds: float
+    step_seconds: float  # of `seconds`, the optimisation steps (the rest: data and losses)
     act_ranges: dict[str, ActRange] = field(default_factory=dict)  # by layer name in the model
 
 
@@ -209,8 +210,10 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, inputs: UnitInputs, target: 
                for r, c in zip(roundings, nearest_codes)}
     objective = UnitObjective(qunit, inputs, target, activation, qlayers[-1].channel_dim, weights)
     loss_nearest = objective.evaluate(nearest)
+    step_start = time.perf_counter()
     steps = _optimise(roundings, list(act_quants.values()), objective, cfg, generator, progress,
                       unit.name)
+    step_seconds = time.perf_counter() - step_start
     flipped = total = 0
     for r, codes in zip(roundings, nearest_codes):
         hard = r.hard()
@@ -220,7 +223,7 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, inputs: UnitInputs, target: 
     return BlockResult(
         name=unit.name, kind=unit.kind, layers=unit.layers, loss_nearest=loss_nearest,
         loss_adaround=objective.evaluate({}), flipped=flipped / max(total, 1), iters=steps,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, step_seconds=step_seconds,
         act_ranges={n: ActRange(aq.bits, aq.signed, scales_start[n], float(aq.scale))
                     for n, aq in act_quants.items()},
     )

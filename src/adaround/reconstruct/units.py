@@ -41,7 +41,8 @@ def _describe(result: BlockResult, cfg: QuantConfig, bits: dict[str, int]) -> st
             if result.kind == "block" else f"{result.name} ({weights})")
     return (f"{head}: loss nearest {result.loss_nearest:.4g} -> adaround "
             f"{result.loss_adaround:.4g}, {100 * result.flipped:.1f}% rounded differently, "
-            f"{result.iters}/{cfg.iters} steps, {result.seconds:.1f}s"
+            f"{result.iters}/{cfg.iters} steps, {result.seconds:.1f}s "
+            f"({result.step_seconds:.1f}s steps)"
             + (f"; activations {acts}" if acts else ""))
 
 
