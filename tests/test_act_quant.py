@@ -6,7 +6,13 @@ from torch import nn
 import adaround
 from adaround import QuantConfig, QuantLayer
 from adaround.act_calibration import act_bits_of, calibrate_activations, choose_scale
-from adaround.nn.act_quant import ActQuant, act_quant_spec, attach_act_quants, fake_quantize_act
+from adaround.nn.act_quant import (
+    ActQuant,
+    act_quant_spec,
+    attach_act_quants,
+    fake_quantize_act,
+    qdrop_mask,
+)
 
 
 @pytest.mark.parametrize("bits, signed, lo, hi", [(4, False, 0, 15), (4, True, -8, 7),
@@ -147,3 +153,30 @@ def test_save_and_load_keep_the_input_quantizers(tmp_path) -> None:  # type: ign
     test = images(64, seed=5)
     with torch.no_grad():
         assert torch.equal(loaded(test), qmodel(test))
+
+
+def test_qdrop_mask_follows_the_layout_of_x_and_its_probability() -> None:
+    x = torch.randn(8, 6, 20, 20).contiguous(memory_format=torch.channels_last)
+    keep = qdrop_mask(x, 0.25, torch.Generator().manual_seed(0))
+    assert keep.dtype == torch.bool and keep.shape == x.shape and keep.stride() == x.stride()
+    assert keep.float().mean().item() == pytest.approx(0.25, abs=0.01)
+    again = qdrop_mask(x, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, again)  # seeded
+    assert not qdrop_mask(x, 0.0, None).any() and qdrop_mask(x, 1.0, None).all()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fused_fake_quant_matches_eager_values_and_gradients(signed: bool) -> None:
+    x0 = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(0)) * 3
+    keep = qdrop_mask(x0, 0.5, torch.Generator().manual_seed(1))
+    qmin, qmax = (-8, 7) if signed else (0, 15)
+    results = []
+    for fused in (False, True):
+        x = x0.clone().requires_grad_(True)
+        scale = torch.tensor(0.3, requires_grad=True)
+        out = fake_quantize_act(x, scale, qmin, qmax, keep, fused=fused)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), x.grad, scale.grad))
+    for eager, fused in zip(*results):
+        assert torch.allclose(eager, fused, atol=1e-6)
+    assert not torch.equal(results[0][0], x0)  # something was quantized

@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each layer's input from the partly quantized network (paper eq. 25, "
                    "default) or the FP one (layers independent, same shapes batched)")
     q.add_argument("--compile", action="store_true", help="fuse the element-wise step "
-                   "with torch.compile (pays off on large layers and long runs)")
+                   "(and BRECQ/QDrop's activation quantizers) with torch.compile (pays off on "
+                   "large layers and long runs)")
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
     add_act_options(q)
