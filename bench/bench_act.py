@@ -51,7 +51,7 @@ def make_config(setting: str, method: str, args: argparse.Namespace) -> adaround
     wbits, abits, eight = SETTINGS[setting]
     common: dict[str, Any] = dict(weight_bits=wbits, per_channel=args.grid == "channel",
                                   iters=args.iters, seed=args.seed, act_bits=abits,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, lr=args.lr)
     if eight:
         common.update(first_last_bits=8, input_act_bits=8, last_act_bits=8)
     layer_range = None
@@ -113,6 +113,9 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=2000, help="iterations per unit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="samples per step (32)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam's learning rate for V (1e-3: the paper's, for 10k-20k iterations; "
+                   "a step moves V by about lr, so short runs flip few weights)")
     p.add_argument("--loss", choices=["auto", "sampled"], default="sampled",
                    help="layer-wise AdaRound's loss (sampled: the paper's)")
     p.add_argument("--adaround-range", choices=["minmax", "mse", "percentile"],
@@ -170,13 +173,13 @@ def main() -> int:
                         "unit": cfg.unit, "qdrop": cfg.qdrop, "fisher": cfg.fisher,
                         "blocks": units, "top1": top1, "fp_top1": fp, "seconds": seconds,
                         "num_calib": len(calib), "iters": args.iters,
-                        "batch_size": args.batch_size,
+                        "batch_size": args.batch_size, "lr": args.lr,
                         "loss": cfg.loss if method == "adaround" else "sampled",
                         "eval_samples": len(x_eval), "seed": args.seed, "machine": machine,
                         "commit": commit,
                     }) + "\n")
     print(f"\n{len(calib)} calibration samples, {args.iters} iterations per unit, batch "
-          f"{args.batch_size}, "
+          f"{args.batch_size}, lr {args.lr:g}, "
           f"{len(x_eval)} evaluation samples; {machine}; commit {commit}")
     return 0
 

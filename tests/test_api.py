@@ -139,3 +139,22 @@ def test_conv_subclass_with_its_own_forward_keeps_it() -> None:
     with torch.no_grad():
         assert qmodel(x).shape == model(x).shape == (64, 4, 4, 4)
         torch.testing.assert_close(qmodel(x), model(x), atol=0.02, rtol=0.0)
+
+
+def test_short_runs_are_warned_with_the_lr_that_fits(caplog) -> None:  # type: ignore[no-untyped-def]
+    from adaround.config import short_run_note
+
+    assert short_run_note(QuantConfig()) is None  # the paper's 10k iterations at lr 1e-3
+    assert short_run_note(QuantConfig(iters=300, rounding="nearest")) is None
+    assert "set lr to about 0.01 (3 / iters)" in (short_run_note(QuantConfig(iters=300)) or "")
+    assert short_run_note(QuantConfig(iters=300, lr=0.01)) is None
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(256, 32)
+    with caplog.at_level("WARNING", logger="adaround"):
+        slow = adaround.quantize(net, x, QuantConfig(weight_bits=3, iters=100, loss="sampled"))
+    assert "3 / iters" in caplog.text
+    fast = adaround.quantize(net, x, QuantConfig(weight_bits=3, iters=100, lr=0.03,
+                                                 loss="sampled"))
+    # lr * iters = 0.1 flips only near-ties; 3 flips what the loss asks for
+    assert _mse(fast, net, x) < 0.9 * _mse(slow, net, x)

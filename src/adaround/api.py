@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
-from adaround.config import QuantConfig
+from adaround.config import QuantConfig, short_run_note
 from adaround.errors import CalibrationDataError
 from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
@@ -76,6 +76,8 @@ def quantize(
         >>> qnet = quantize(net, torch.randn(64, 3, 6, 6), cfg)
     """
     cfg = config or QuantConfig()
+    if (note := short_run_note(cfg)) is not None:
+        log.warning("%s", note)
     check_finite_weights(model)
     device = model_device(model)
     x = collect_calibration(calib).to(device)

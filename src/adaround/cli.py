@@ -79,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig(
         weight_bits=args.bits, per_channel=args.per_channel, symmetric=not args.asymmetric,
         rounding=args.rounding, iters=args.iters, batch_size=args.batch_size, seed=args.seed,
+        lr=args.lr,
         scale_method=args.scale_method, first_last_bits=args.first_last_bits,
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
         loss_after_activation=not args.no_activation_loss, loss=args.loss,
@@ -142,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from adaround.demo import format_table, run_demo
 
     rows = run_demo(bits=tuple(args.bits), iters=args.iters, n_calib=args.num_calib,
-                    progress=not args.quiet)
+                    progress=not args.quiet, lr=args.lr)
     print(format_table(rows))
     return EXIT_OK
 
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rounding", choices=["adaround", "nearest"], default=d.rounding)
     q.add_argument("--iters", type=int, default=d.iters, help="iterations per layer (10000)")
     q.add_argument("--batch-size", type=int, default=d.batch_size)
+    q.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate for V (1e-3, "
+                   "the paper's for 10000 iterations; about 3 / iters for short runs)")
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--scale-method", choices=["mse", "minmax"], default=d.scale_method)
     q.add_argument("--first-last-bits", type=int, help="keep first/last layer at these bits")
@@ -345,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     m.add_argument("--iters", type=int, default=None, help="iterations per layer")
     m.add_argument("--num-calib", type=int, default=None, help="calibration images")
+    m.add_argument("--lr", type=float, default=None, help="Adam's lr for V (3 / iters)")
     m.set_defaults(func=cmd_demo)
     return parser
 

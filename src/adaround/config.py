@@ -18,6 +18,10 @@ reconstruction) instead of the partly quantized one (eq. 25, the default): the l
 independent, and those of one shape are rounded in one loop with batched kernels.
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
+`lr` 1e-3 is the paper's for 10k-20k iterations. An Adam step moves V by about lr, and V spans
+about +-2.4 between rounding down and up, so a run of `iters` can only flip weights within
+lr * iters of a tie: `short_run_note` says so, and lr ~ 3 / iters fits short runs (ResNet-20
+W2A4, 300 iterations: 21.9 % at lr 1e-3, 74.3 % at lr 1e-2; BENCHMARKS.md).
 
 Activations (off unless `act_bits` is set): every quantized layer's input is fake-quantized
 per tensor at `act_bits` (unsigned where the calibration data is non-negative), the model
@@ -47,6 +51,21 @@ SCALE_METHODS = ("mse", "minmax")
 BETA_DECAYS = ("cosine", "linear")
 LOSSES = ("auto", "sampled", "quadratic", "quadratic_warmup")
 INPUTS = ("quantized", "float")
+
+
+V_SPAN = 2.4  # |V| where the rectified sigmoid reaches 0 or 1 (zeta 1.1, gamma -0.1)
+
+
+def short_run_note(cfg: QuantConfig) -> str | None:
+    """A warning where lr * iters is too short a reach for V to flip most rounding decisions,
+    with the fix; None otherwise (the paper's 10k iterations at lr 1e-3)."""
+    reach = cfg.lr * cfg.iters
+    if cfg.rounding != "adaround" or reach >= V_SPAN:
+        return None
+    return (f"iters={cfg.iters} at lr={cfg.lr:g}: Adam moves each V by at most about "
+            f"{reach:.2g} (rounding up and down are {2 * V_SPAN:g} apart), so only weights near "
+            f"a tie can change their rounding; set lr to about {3 / cfg.iters:.2g} (3 / iters) "
+            "or run more iterations")
 
 
 def _check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from adaround.api import META_ATTR, REPORT_ATTR
 from adaround.calibration import check_finite_weights, model_device
-from adaround.config import QuantConfig
+from adaround.config import QuantConfig, short_run_note
 from adaround.errors import ConfigError
 from adaround.hf.blocks import (
     BlockCall,
@@ -68,6 +68,8 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
         ...                      tokenizer=tokenizer)
     """
     cfg = config or QuantConfig(per_channel=True, loss="quadratic")
+    if (note := short_run_note(cfg)) is not None:
+        log.warning("%s", note)
     _refuse_unsupported(cfg)
     opts = options or HFOptions()
     start = time.perf_counter()
