@@ -51,7 +51,8 @@ def make_config(setting: str, method: str, args: argparse.Namespace) -> adaround
     wbits, abits, eight = SETTINGS[setting]
     common: dict[str, Any] = dict(weight_bits=wbits, per_channel=args.grid == "channel",
                                   iters=args.iters, seed=args.seed, act_bits=abits,
-                                  batch_size=args.batch_size, lr=args.lr)
+                                  batch_size=args.batch_size, lr=args.lr,
+                                  symmetric=not args.asymmetric)
     if eight:
         common.update(first_last_bits=8, input_act_bits=8, last_act_bits=8)
     layer_range = None
@@ -93,6 +94,7 @@ def table(paths: list[Path]) -> str:
 
         iters = sorted({str(r["iters"]) + (f" (batch {r['batch_size']})"
                                            if r.get("batch_size", 32) != 32 else "")
+                        + (f" lr {r['lr']:g}" if r.get("lr", 1e-3) != 1e-3 else "")
                         for m, r in runs.items() if m != "nearest"})
         rows.append(f"| {model} | {setting[1:].replace('A', '/')} | {fp:.2f} | "
                     + " | ".join(cell(m) for m in METHODS)
@@ -113,6 +115,8 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=2000, help="iterations per unit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="samples per step (32)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="weight grids with a zero point (BRECQ/QDrop's; default symmetric)")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="Adam's learning rate for V (1e-3: the paper's, for 10k-20k iterations; "
                    "a step moves V by about lr, so short runs flip few weights)")
@@ -174,6 +178,7 @@ def main() -> int:
                         "blocks": units, "top1": top1, "fp_top1": fp, "seconds": seconds,
                         "num_calib": len(calib), "iters": args.iters,
                         "batch_size": args.batch_size, "lr": args.lr,
+                        "symmetric": cfg.symmetric,
                         "loss": cfg.loss if method == "adaround" else "sampled",
                         "eval_samples": len(x_eval), "seed": args.seed, "machine": machine,
                         "commit": commit,
