@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -101,7 +102,7 @@ def main() -> None:
             row: dict[str, Any] = {"unit": name, "batch_size": args.batch_size,
                                    "iters": args.iters, "seconds_per_step": best,
                                    "all": times, "machine": machine,
-                                   "load": round(__import__("os").getloadavg()[0], 2),
+                                   "load": round(os.getloadavg()[0], 2),
                                    "time": time.strftime("%Y-%m-%d %H:%M")}
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")

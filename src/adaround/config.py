@@ -43,6 +43,7 @@ from typing import Any
 
 from adaround.act_config import resolve_activation_options
 from adaround.errors import ConfigError
+from adaround.primitives import V_SPAN
 
 CONFIG_VERSION = 1
 
@@ -53,9 +54,6 @@ LOSSES = ("auto", "sampled", "quadratic", "quadratic_warmup")
 INPUTS = ("quantized", "float")
 
 
-V_SPAN = 2.4  # |V| where the rectified sigmoid reaches 0 or 1 (zeta 1.1, gamma -0.1)
-
-
 def short_run_note(cfg: QuantConfig) -> str | None:
     """A warning where lr * iters is too short a reach for V to flip most rounding decisions,
     with the fix; None otherwise (the paper's 10k iterations at lr 1e-3)."""
@@ -63,7 +61,7 @@ def short_run_note(cfg: QuantConfig) -> str | None:
     if cfg.rounding != "adaround" or reach >= V_SPAN:
         return None
     return (f"iters={cfg.iters} at lr={cfg.lr:g}: Adam moves each V by at most about "
-            f"{reach:.2g} (rounding up and down are {2 * V_SPAN:g} apart), so only weights near "
+            f"{reach:.2g} (rounding up and down are {2 * V_SPAN:.2g} apart), so only weights near "
             f"a tie can change their rounding; set lr to about {3 / cfg.iters:.2g} (3 / iters) "
             "or run more iterations")
 

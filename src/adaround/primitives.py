@@ -14,6 +14,7 @@ from torch import Tensor
 
 ZETA = 1.1
 GAMMA = -0.1
+V_SPAN = math.log((1 - GAMMA) / (ZETA - 1))  # |V| where h(V) reaches 0 or 1: log 11 = 2.40
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adaround.fused import compile_once
 from adaround.primitives import int_range
 
 
@@ -51,17 +52,11 @@ def _backward_parts(grad: Tensor, pass_x: Tensor | None, d_scale: Tensor | None
     return grad_x, grad_s
 
 
-_FUSED: list[Any] = []  # the two functions above, compiled on first use
-
-
-def _parts(fused: bool) -> tuple[Any, Any]:
-    """Eager, or fused into one kernel each by torch.compile (dynamic shapes: one compilation
-    serves every layer; a few for the grid bounds and QDrop on/off)."""
-    if not fused:
+def _parts(compiled: bool) -> tuple[Any, Any]:
+    """Eager, or fused into one kernel each by torch.compile."""
+    if not compiled:
         return _forward_parts, _backward_parts
-    if not _FUSED:
-        _FUSED.extend(torch.compile(f, dynamic=True) for f in (_forward_parts, _backward_parts))
-    return _FUSED[0], _FUSED[1]
+    return compile_once(_forward_parts), compile_once(_backward_parts)
 
 
 class _FakeQuant(torch.autograd.Function):

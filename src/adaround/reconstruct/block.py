@@ -86,8 +86,9 @@ class _Rounding:
     def __init__(self, key: str, qlayer: QuantLayer) -> None:
         w = qlayer.layer.weight.detach()
         self.key, self.qlayer = key, qlayer
-        self.w_floor = torch.floor(w / qlayer.weight_scale())
-        self.v = init_v(w / qlayer.weight_scale() - self.w_floor).requires_grad_(True)
+        w_scaled = w / qlayer.weight_scale()
+        self.w_floor = torch.floor(w_scaled)
+        self.v = init_v(w_scaled - self.w_floor).requires_grad_(True)
 
     def soft(self, h: Tensor) -> Tensor:
         q = self.qlayer

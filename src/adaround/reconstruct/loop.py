@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adaround.config import QuantConfig
+from adaround.fused import compile_once
 from adaround.nn.quant_layer import QuantLayer, apply_layer
 from adaround.primitives import (
     GAMMA,
@@ -251,17 +252,12 @@ def v_gradient(grad_w: Tensor, s_live: Tensor, h: Tensor, slope: Tensor, beta: T
     return (grad_w * s_live + reg_weight * regularizer_grad(h, beta)) * slope
 
 
-_COMPILED: list[Any] = []
-
-
 def step_functions(compiled: bool) -> tuple[Any, Any]:
     """The element-wise parts of a step, fused into one kernel each by torch.compile if asked
     (one compilation per process, for all shapes)."""
     if not compiled:
         return h_and_slope, v_gradient
-    if not _COMPILED:
-        _COMPILED.extend(torch.compile(f, dynamic=True) for f in (h_and_slope, v_gradient))
-    return _COMPILED[0], _COMPILED[1]
+    return compile_once(h_and_slope), compile_once(v_gradient)
 
 
 @torch.no_grad()
