@@ -2,7 +2,15 @@ import copy
 
 import pytest
 import torch
-from tiny_models import images, sequences, tiny_mixed, tiny_resnet
+from tiny_models import (
+    TinyMobileNet,
+    TinyTransformer,
+    images,
+    sequences,
+    tiny_mixed,
+    tiny_resnet,
+    tokens,
+)
 from torch import nn
 
 import adaround
@@ -10,6 +18,7 @@ from adaround.api import prepare_float
 from adaround.config import QuantConfig
 from adaround.prepare import plan_layers, swap_in_quant_layers
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
+from adaround.reconstruct.units import units_of
 
 
 def _prepared(model: nn.Module, x: torch.Tensor, cfg: QuantConfig):  # type: ignore[no-untyped-def]
@@ -85,3 +94,33 @@ def test_both_engines_give_the_fp_and_quantized_inputs_chunk_by_chunk(make, data
         qlayer.set_codes(qlayer.nearest_codes())
     first = next(iter(graph.input_chunks(plans[-1].name)))
     assert not torch.equal(*first)  # the streams differ once earlier layers are rounded
+
+
+@pytest.mark.parametrize("make, data", [
+    (tiny_resnet, images),
+    (lambda: TinyMobileNet().eval(), images),
+    (lambda: TinyTransformer(post_norm=True).eval(), tokens),  # blocks of two arguments
+])
+def test_one_pass_engine_gives_the_same_unit_data_as_rerunning(make, data) -> None:  # type: ignore[no-untyped-def]
+    x = data(40)
+    cfg = QuantConfig(weight_bits=3, act_bits=4, unit="block")
+    fp, trace, _ = prepare_float(make(), x, cfg)
+    plans = plan_layers(fp, trace, cfg)
+    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    units = units_of(fp, trace, plans, x, cfg)
+    assert any(u.kind == "block" for u in units)
+    chunks = list(x.split(16))
+    graph = make_engine(fp, qmodel, chunks, [u.name for u in units],
+                        blocks=frozenset(u.name for u in units if u.kind == "block"))
+    rerun = RerunEngine(fp, qmodel, chunks)
+    assert isinstance(graph, GraphEngine)
+    for unit in units:
+        got, want = graph.unit_inputs(unit.name), rerun.unit_inputs(unit.name)
+        assert got.per_sample == want.per_sample and got.count == want.count == 40
+        for a, b in zip(got.leaves, want.leaves):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(graph.unit_target(unit.name, torch.relu),
+                                   rerun.unit_target(unit.name, torch.relu), rtol=0, atol=0)
+        for name in unit.layers:  # later units see the rounded unit
+            layer = qmodel.get_submodule(name)
+            layer.set_codes(layer.nearest_codes())

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, fx, nn
 
 from adaround.nn.quant_layer import QUANTIZABLE, QuantLayer
+from adaround.reconstruct.block_data import (
+    UnitInputs,
+    capture_inputs,
+    capture_outputs,
+    first_tensor,
+)
 from adaround.reconstruct.cache import collect_input_chunks, collect_layer_data, layer_target
+from adaround.reconstruct.loop import fast_layout
 from adaround.reconstruct.spill import SpillStore, materialize
 
 log = logging.getLogger(__name__)
@@ -30,9 +37,16 @@ Activation = Callable[[Tensor], Tensor] | None
 
 
 class _LeafTracer(fx.Tracer):
+    """Quantizable layers, and the modules named in `leaves` (reconstruction blocks), stay
+    single nodes of the graph."""
+
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaves = leaves
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (QuantLayer, *QUANTIZABLE)) or super().is_leaf_module(
-            m, module_qualified_name)
+        return (module_qualified_name in self.leaves or isinstance(m, (QuantLayer, *QUANTIZABLE))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:
@@ -78,8 +92,7 @@ class Stream:
             return chunk if node is self.nodes[0] else (node.args[0] if node.args else None)
         if node.op == "get_attr":
             return _fetch_attr(self.root, str(node.target))
-        args = fx.node.map_arg(node.args, lambda n: materialize(env[n]))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: materialize(env[n]))
+        args, kwargs = self.arguments(node, env)
         if node.op == "call_function":
             return node.target(*args, **kwargs)  # type: ignore[operator]
         if node.op == "call_method":
@@ -88,6 +101,13 @@ class Stream:
         if node.op == "call_module":
             return self.root.get_submodule(str(node.target))(*args, **kwargs)
         return args[0]  # output
+
+    @staticmethod
+    def arguments(node: fx.Node, env: dict[fx.Node, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The node's (args, kwargs) with the values of its input nodes in `env`."""
+        args = fx.node.map_arg(node.args, lambda n: materialize(env[n]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: materialize(env[n]))
+        return tuple(args), dict(kwargs)
 
     def input_chunks(self, node: fx.Node) -> Iterator[Tensor]:
         arg = node.args[0]
@@ -151,6 +171,23 @@ class GraphEngine:
         node = self._advance_to(name)
         yield from zip(self.q_stream.input_chunks(node), self.fp_stream.input_chunks(node))
 
+    def unit_inputs(self, name: str) -> UnitInputs:
+        """Every argument of unit `name` in the quantized stream, which stops before the unit
+        (it runs the unit later, once the unit is rounded)."""
+        node = self._advance_to(name)
+        stream = self.q_stream
+        return UnitInputs.from_calls([stream.arguments(node, env) for env in stream.envs])
+
+    def unit_target(self, name: str, activation: Activation) -> Tensor:
+        """Unit `name`'s FP output (then `activation`, if given) for every chunk."""
+        index = self.position[name]
+        self.fp_stream.run_until(index + 1)
+        node = self.fp_stream.nodes[index]
+        outputs = [first_tensor(materialize(env[node])) for env in self.fp_stream.envs]
+        if activation is not None:
+            outputs = [activation(t) for t in outputs]
+        return fast_layout(torch.cat(outputs))
+
 
 class RerunEngine:
     """Fallback: run both networks from their input up to the layer, for every layer."""
@@ -165,12 +202,20 @@ class RerunEngine:
         """(x^, x) chunk by chunk, each chunk from its own pair of forward passes."""
         return collect_input_chunks(self.fp, self.qmodel, name, self.chunks)
 
+    def unit_inputs(self, name: str) -> UnitInputs:
+        return capture_inputs(self.qmodel, name, self.chunks)
+
+    def unit_target(self, name: str, activation: Activation) -> Tensor:
+        return capture_outputs(self.fp, name, self.chunks, activation)
+
 
 def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
-                names: list[str], store: SpillStore | None = None) -> GraphEngine | RerunEngine:
-    """The one-pass engine where torch.fx can trace the network, else the re-run fallback."""
+                names: list[str], store: SpillStore | None = None,
+                blocks: frozenset[str] = frozenset()) -> GraphEngine | RerunEngine:
+    """The one-pass engine where torch.fx can trace the network, else the re-run fallback.
+    `names` are the layers (or units) to visit, in order; `blocks` are kept whole in the graph."""
     try:
-        graph = _LeafTracer().trace(qmodel)
+        graph = _LeafTracer(blocks).trace(qmodel)
     except Exception as exc:  # any tracing failure just means: use the slow path
         log.info("torch.fx cannot trace %s (%s: %s); re-running the network for each layer",
                  type(qmodel).__name__, type(exc).__name__, str(exc).splitlines()[0][:120])

@@ -1,5 +1,9 @@
 """Reconstruct a network unit after unit (blocks and the layers outside them), in execution
-order: capture the unit's data, optimise, harden, free the data."""
+order: capture the unit's data, optimise, harden, free the data.
+
+The data come from the FP and the quantized network advanced together through the traced
+graph (blocks kept whole), so the calibration costs one pass of each network, not one per
+unit; networks torch.fx cannot trace are re-run from their input for every unit."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from adaround.blocks import Unit, discover_blocks, named_blocks, plan_units
 from adaround.config import QuantConfig
 from adaround.prepare import LayerPlan
 from adaround.reconstruct.block import BlockResult, reconstruct_unit
-from adaround.reconstruct.block_data import capture_inputs, capture_outputs, fisher_weights
+from adaround.reconstruct.block_data import fisher_weights
+from adaround.reconstruct.stream import make_engine
 from adaround.trace import Trace
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,8 @@ def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[Laye
     infos = {p.name: p.info for p in plans}
     bits = {p.name: p.bits for p in plans}
     chunks = list(x.split(FORWARD_BATCH))
+    engine = make_engine(fp, qmodel, chunks, [u.name for u in units],
+                         blocks=frozenset(u.name for u in blocks))
     generator = torch.Generator().manual_seed(cfg.seed)
     report: list[BlockResult] = []
     for unit in tqdm(units, desc="units", unit="unit", disable=not progress):
@@ -67,8 +74,8 @@ def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[Laye
         info = infos.get(unit.name)
         activation = (info.activation if unit.kind == "layer" and info is not None
                       and cfg.loss_after_activation else None)
-        inputs = capture_inputs(qmodel, unit.name, chunks)
-        target = capture_outputs(fp, unit.name, chunks, activation)
+        inputs = engine.unit_inputs(unit.name)
+        target = engine.unit_target(unit.name, activation)
         weights = fisher_weights(fp, unit.name, chunks) if cfg.fisher else None
         result = reconstruct_unit(unit, qmodel, inputs, target, activation, weights, cfg,
                                   generator, progress, start)
