@@ -43,10 +43,13 @@ def _codes(qmodel: torch.nn.Module) -> list[torch.Tensor]:
     return [m.codes for m in qmodel.modules() if isinstance(m, QuantLayer)]
 
 
-@pytest.mark.parametrize("loss", ["sampled", "quadratic"])
-def test_a_memory_budget_spills_to_disk_and_gives_the_same_codes(loss: str, caplog) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("options", [
+    dict(loss="sampled"), dict(loss="quadratic"),
+    dict(act_bits=4, method="qdrop"),  # the unit loop: a block and single layers
+])
+def test_a_memory_budget_spills_to_disk_and_gives_the_same_codes(options, caplog) -> None:  # type: ignore[no-untyped-def]
     model, x = tiny_resnet(), images(96)
-    cfg = dict(weight_bits=3, iters=60, batch_size=16, loss=loss)
+    cfg = dict(weight_bits=3, iters=60, batch_size=16, **options)
     free = adaround.quantize(model, x, QuantConfig(**cfg))
     with caplog.at_level(logging.INFO, logger="adaround"):
         tight = adaround.quantize(model, x, QuantConfig(memory_budget_mb=0.01, **cfg))

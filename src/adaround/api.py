@@ -28,7 +28,7 @@ from adaround.reconstruct.quadratic import (
     step_costs,
     supports_quadratic,
 )
-from adaround.reconstruct.spill import SpillStore, materialize
+from adaround.reconstruct.spill import budget_store, materialize
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
 from adaround.reconstruct.units import round_units
 from adaround.trace import Trace, trace_model
@@ -160,16 +160,11 @@ def _round_layers(
         _round_to_nearest(qmodel, plans)
         return []
     names = [p.name for p in plans if p.reconstructable]
-    budget = cfg.memory_budget_mb
-    store = SpillStore(int(budget * 2**20)) if budget is not None else None
-    try:
+    with budget_store(cfg.memory_budget_mb) as store:
         # inputs="float": both streams are the FP network, and the layers are independent
         source = fp if cfg.inputs == "float" else qmodel
         engine = make_engine(fp, source, list(x.split(FORWARD_BATCH)), names, store)
         return _reconstruct_each(engine, qmodel, plans, cfg, progress)
-    finally:
-        if store is not None:
-            store.close()
 
 
 def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,

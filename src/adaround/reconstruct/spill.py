@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,14 @@ class SpillStore:
         shutil.rmtree(self.dir, ignore_errors=True)
         if self.spilled_bytes:
             log.info("spilled %.0f MB of cached activations to disk", self.spilled_bytes / 2**20)
+
+
+@contextmanager
+def budget_store(budget_mb: float | None) -> Iterator[SpillStore | None]:
+    """A spill store for `budget_mb` megabytes (None: no budget, no store), removed on exit."""
+    store = SpillStore(int(budget_mb * 2**20)) if budget_mb is not None else None
+    try:
+        yield store
+    finally:
+        if store is not None:
+            store.close()

@@ -19,6 +19,7 @@ from adaround.config import QuantConfig
 from adaround.prepare import LayerPlan
 from adaround.reconstruct.block import BlockResult, reconstruct_unit
 from adaround.reconstruct.block_data import fisher_weights
+from adaround.reconstruct.spill import budget_store
 from adaround.reconstruct.stream import make_engine
 from adaround.trace import Trace
 
@@ -65,21 +66,22 @@ def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[Laye
     infos = {p.name: p.info for p in plans}
     bits = {p.name: p.bits for p in plans}
     chunks = list(x.split(FORWARD_BATCH))
-    engine = make_engine(fp, qmodel, chunks, [u.name for u in units],
-                         blocks=frozenset(u.name for u in blocks))
     generator = torch.Generator().manual_seed(cfg.seed)
     report: list[BlockResult] = []
-    for unit in tqdm(units, desc="units", unit="unit", disable=not progress):
-        start = time.perf_counter()
-        info = infos.get(unit.name)
-        activation = (info.activation if unit.kind == "layer" and info is not None
-                      and cfg.loss_after_activation else None)
-        inputs = engine.unit_inputs(unit.name)
-        target = engine.unit_target(unit.name, activation)
-        weights = fisher_weights(fp, unit.name, chunks) if cfg.fisher else None
-        result = reconstruct_unit(unit, qmodel, inputs, target, activation, weights, cfg,
-                                  generator, progress, start)
-        del inputs, target, weights
-        report.append(result)
-        log.info("%s", _describe(result, cfg, bits))
+    with budget_store(cfg.memory_budget_mb) as store:
+        engine = make_engine(fp, qmodel, chunks, [u.name for u in units], store,
+                             blocks=frozenset(u.name for u in blocks))
+        for unit in tqdm(units, desc="units", unit="unit", disable=not progress):
+            start = time.perf_counter()
+            info = infos.get(unit.name)
+            activation = (info.activation if unit.kind == "layer" and info is not None
+                          and cfg.loss_after_activation else None)
+            inputs = engine.unit_inputs(unit.name)
+            target = engine.unit_target(unit.name, activation)
+            weights = fisher_weights(fp, unit.name, chunks) if cfg.fisher else None
+            result = reconstruct_unit(unit, qmodel, inputs, target, activation, weights, cfg,
+                                      generator, progress, start)
+            del inputs, target, weights
+            report.append(result)
+            log.info("%s", _describe(result, cfg, bits))
     return report
