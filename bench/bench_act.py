@@ -69,19 +69,21 @@ def make_config(setting: str, method: str, args: argparse.Namespace) -> adaround
 
 def table(paths: list[Path]) -> str:
     """One markdown table of every run in the JSON-lines files (the last run of a cell wins):
-    a row per model and W/A setting, a column per method, top-1 % (delta to FP)."""
-    cells: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    a row per model, W/A setting and seed (which also picks the calibration/evaluation split),
+    a column per method, top-1 % (delta to FP)."""
+    cells: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
     for path in paths:
         for line in path.read_text().splitlines():
             if line.strip():
                 run = json.loads(line)
-                cells.setdefault((run["model"], run["setting"]), {})[run["method"]] = run
+                key = (run["model"], run["setting"], run.get("seed", 0))
+                cells.setdefault(key, {})[run["method"]] = run
     head = ("| model | W/A | FP | nearest | AdaRound (layer) | BRECQ | QDrop | calib | iters |\n"
             "|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     order = {m: i for i, m in enumerate(["resnet20", "resnet56", "efficientnet_lite0"])}
-    for (model, setting), runs in sorted(cells.items(), key=lambda kv: (
-            order.get(kv[0][0], 9), list(SETTINGS).index(kv[0][1]))):
+    for (model, setting, seed), runs in sorted(cells.items(), key=lambda kv: (
+            order.get(kv[0][0], 9), list(SETTINGS).index(kv[0][1]), kv[0][2])):
         any_run = next(iter(runs.values()))
         fp = any_run["fp_top1"]
 
@@ -96,7 +98,8 @@ def table(paths: list[Path]) -> str:
                                            if r.get("batch_size", 32) != 32 else "")
                         + (f" lr {r['lr']:g}" if r.get("lr", 1e-3) != 1e-3 else "")
                         for m, r in runs.items() if m != "nearest"})
-        rows.append(f"| {model} | {setting[1:].replace('A', '/')} | {fp:.2f} | "
+        name = f"{model} (seed {seed})" if seed else model
+        rows.append(f"| {name} | {setting[1:].replace('A', '/')} | {fp:.2f} | "
                     + " | ".join(cell(m) for m in METHODS)
                     + f" | {any_run['num_calib']} | {'/'.join(iters) or '-'} |")
     return "\n".join(rows)
