@@ -112,11 +112,16 @@ def capture_outputs(model: nn.Module, name: str, chunks: list[Tensor],
 
 
 def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor]) -> Tensor:
-    """BRECQ's diagonal Fisher at module `name`'s output: the squared gradient of the task loss,
-    per element and sample, normalised to mean 1 (so lambda keeps its meaning).
+    """BRECQ's diagonal Fisher at module `name`'s output, damped: (1 + |g| / mean |g|)^2 per
+    element and sample, g the gradient of the task loss there, normalised to mean 1 (so lambda
+    keeps its meaning).
 
-    No labels: the loss is the cross-entropy against the FP network's own predictions (the
-    argmax over the last dimension of its output).
+    The undamped g^2 puts nearly all the weight on the few samples the network is unsure of
+    (measured on ResNet-20, BRECQ W2A4: 67.61 with it against 74.55 unweighted); BRECQ's
+    released code damps it as (1 + |g|)^2, which at the scale of its g is almost plain MSE.
+    Scaling g by its mean keeps the floor of 1 and makes the Fisher term count whatever the
+    loss's scale. No labels: the loss is the cross-entropy against the FP network's own
+    predictions (the argmax over the last dimension of its output).
     """
     grads: list[Tensor] = []
     leaf: list[Tensor] = []
@@ -141,8 +146,9 @@ def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor]) -> Tensor:
                 logits = logits.reshape(-1, logits.shape[-1])
                 loss = F.cross_entropy(logits, logits.argmax(dim=-1), reduction="sum")
                 (grad,) = torch.autograd.grad(loss, leaf[0])
-            grads.append(grad.pow(2))
+            grads.append(grad.abs())
     finally:
         handle.remove()
-    weights = torch.cat(grads)
-    return fast_layout(weights / weights.mean().clamp_min(torch.finfo(weights.dtype).tiny))
+    g = torch.cat(grads)
+    weights = (1 + g / g.mean().clamp_min(torch.finfo(g.dtype).tiny)).pow(2)
+    return fast_layout(weights / weights.mean())
