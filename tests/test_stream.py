@@ -22,16 +22,17 @@ from adaround.reconstruct.units import units_of
 
 
 def _prepared(model: nn.Module, x: torch.Tensor, cfg: QuantConfig):  # type: ignore[no-untyped-def]
-    """FP model with BN folded, its layer plans, and a quantized twin (all layers float)."""
+    """FP model with BN folded, its trace and layer plans, and a quantized twin (all layers
+    float)."""
     fp, trace, _ = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
-    return fp, plans, swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    return fp, trace, plans, swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
 
 
 @pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
 def test_one_pass_engine_gives_the_same_layer_data_as_rerunning(make, data) -> None:  # type: ignore[no-untyped-def]
     x = data(40)
-    fp, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
+    fp, _, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
     chunks = list(x.split(16))  # several chunks, the last one partial
     names = [p.name for p in plans]
     graph = make_engine(fp, qmodel, chunks, names)
@@ -77,7 +78,7 @@ def test_untraceable_network_falls_back_to_rerunning() -> None:
 @pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
 def test_both_engines_give_the_fp_and_quantized_inputs_chunk_by_chunk(make, data) -> None:  # type: ignore[no-untyped-def]
     x = data(40)
-    fp, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
+    fp, _, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
     chunks = list(x.split(16))
     graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
     rerun = RerunEngine(fp, qmodel, chunks)
@@ -104,9 +105,7 @@ def test_both_engines_give_the_fp_and_quantized_inputs_chunk_by_chunk(make, data
 def test_one_pass_engine_gives_the_same_unit_data_as_rerunning(make, data) -> None:  # type: ignore[no-untyped-def]
     x = data(40)
     cfg = QuantConfig(weight_bits=3, act_bits=4, unit="block")
-    fp, trace, _ = prepare_float(make(), x, cfg)
-    plans = plan_layers(fp, trace, cfg)
-    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    fp, trace, plans, qmodel = _prepared(make(), x, cfg)
     units = units_of(fp, trace, plans, x, cfg)
     assert any(u.kind == "block" for u in units)
     chunks = list(x.split(16))

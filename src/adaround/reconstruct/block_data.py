@@ -88,14 +88,22 @@ def capture_inputs(model: nn.Module, name: str, chunks: list[Tensor]) -> UnitInp
     return UnitInputs.from_calls(calls)
 
 
+def stack_outputs(outputs: list[Any], activation: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The unit's target from its output on every chunk: the first tensor of each (then
+    `activation`, if given), concatenated over chunks."""
+    tensors = [first_tensor(out).detach() for out in outputs]
+    if activation is not None:
+        tensors = [activation(t) for t in tensors]
+    return fast_layout(torch.cat(tensors))
+
+
 def capture_outputs(model: nn.Module, name: str, chunks: list[Tensor],
                     activation: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Module `name`'s output (then `activation`, if given) for every calibration chunk."""
     outputs: list[Tensor] = []
 
     def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-        t = first_tensor(out).detach()
-        outputs.append(activation(t) if activation is not None else t)
+        outputs.append(first_tensor(out).detach())
         raise _Reached
 
     handle = model.get_submodule(name).register_forward_hook(hook)
@@ -108,7 +116,7 @@ def capture_outputs(model: nn.Module, name: str, chunks: list[Tensor],
                     pass
     finally:
         handle.remove()
-    return fast_layout(torch.cat(outputs))
+    return stack_outputs(outputs, activation)
 
 
 def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor]) -> Tensor:

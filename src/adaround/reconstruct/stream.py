@@ -25,10 +25,9 @@ from adaround.reconstruct.block_data import (
     UnitInputs,
     capture_inputs,
     capture_outputs,
-    first_tensor,
+    stack_outputs,
 )
 from adaround.reconstruct.cache import collect_input_chunks, collect_layer_data, layer_target
-from adaround.reconstruct.loop import fast_layout
 from adaround.reconstruct.spill import SpillStore, materialize
 
 log = logging.getLogger(__name__)
@@ -183,10 +182,7 @@ class GraphEngine:
         index = self.position[name]
         self.fp_stream.run_until(index + 1)
         node = self.fp_stream.nodes[index]
-        outputs = [first_tensor(materialize(env[node])) for env in self.fp_stream.envs]
-        if activation is not None:
-            outputs = [activation(t) for t in outputs]
-        return fast_layout(torch.cat(outputs))
+        return stack_outputs([materialize(env[node]) for env in self.fp_stream.envs], activation)
 
 
 class RerunEngine:
