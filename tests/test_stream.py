@@ -43,7 +43,9 @@ def test_one_pass_engine_gives_the_same_layer_data_as_rerunning(make, data) -> N
         xq_graph, t_graph = graph.layer_data(plan.name, act)
         xq_rerun, t_rerun = rerun.layer_data(plan.name, act)
         torch.testing.assert_close(xq_graph, xq_rerun, rtol=0, atol=0)
-        torch.testing.assert_close(t_graph, t_rerun, rtol=0, atol=0)
+        # the targets come from the FP layer run by fx or by the module; on some CPUs the two
+        # paths pick kernels that differ in the last bit
+        torch.testing.assert_close(t_graph, t_rerun, rtol=1e-5, atol=1e-6)
         layer = qmodel.get_submodule(plan.name)
         layer.set_codes(layer.nearest_codes())  # later layers see a quantized stream
     # only live values are kept: at the end at most a handful of tensors per chunk

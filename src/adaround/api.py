@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -13,9 +14,23 @@ from tqdm.auto import tqdm
 
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
-from adaround.calibration import check_finite_weights, collect_calibration, model_device
+from adaround.calibration import (
+    check_finite_weights,
+    check_model,
+    collect_calibration,
+    model_device,
+)
 from adaround.config import QuantConfig, short_run_note
-from adaround.errors import CalibrationDataError
+from adaround.equivalence import (
+    CHECK_SAMPLES,
+    TOLERANCE,
+    Difference,
+    first_difference,
+    relative_error,
+    run_outputs,
+)
+from adaround.errors import CalibrationDataError, ModelError
+from adaround.inputs import IndexedInputs, Structured, collect_structured, strip_prefix
 from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
@@ -52,13 +67,93 @@ def _trace(model: nn.Module, x: Tensor) -> Trace:
 
 
 def prepare_float(model: nn.Module, x: Tensor, cfg: QuantConfig) -> tuple[nn.Module, Trace, dict]:
-    """Eval-mode copy of `model` with BatchNorm folded, and its trace."""
-    fp = copy.deepcopy(model).eval()
-    trace = _trace(fp, x)
-    folded = fold_batchnorms(fp, trace) if cfg.fold_bn else {}
-    if folded:
+    """Eval-mode float32 copy of `model` with BatchNorm folded, and its trace.
+
+    The folded copy is checked against the unfolded one on a calibration batch. A norm whose
+    folding changes the outputs (a forward that does more than normalise, a norm whose buffers
+    are not what its forward uses) is left in place, with a warning naming it; a difference
+    that no norm explains raises ModelError naming the first module whose output differs.
+    """
+    xb = x[:CHECK_SAMPLES]
+    reference: list[Tensor] | None = None
+    keep: set[str] = set()
+    while True:
+        fp = float_copy(model)
+        if reference is None:
+            reference = _outputs(fp, xb)
         trace = _trace(fp, x)
-    return fp, trace, folded
+        folded = fold_batchnorms(fp, trace, frozenset(keep)) if cfg.fold_bn else {}
+        if not folded:
+            return fp, trace, folded
+        trace = _trace(fp, x)
+        error = relative_error(reference, _outputs(fp, xb))
+        if error <= TOLERANCE:
+            log.debug("prepared float network equals the model (relative error %.2g)", error)
+            return fp, trace, folded
+        diff = first_difference(float_copy(model), fp, xb, skip=set(folded))
+        norm = _folded_norm(diff, folded)
+        if norm is None or norm in keep:
+            where = diff.describe() if diff is not None else "no single module"
+            raise ModelError(
+                f"folding BatchNorm changes this network's output (relative error {error:.3g}; "
+                f"first difference at {where}): pass fold_bn=False (--no-fold-bn)"
+            )
+        log.warning("folding %s into %s changes the network's output (%s): left unfolded",
+                    norm, next(k for k, v in folded.items() if v == norm), diff.describe())
+        keep.add(norm)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _folded_norm(diff: Difference | None, folded: dict[str, str]) -> str | None:
+    """The folded norm the difference is found at (the norm itself, or inside it)."""
+    if diff is None:
+        return None
+    for norm in folded.values():
+        if diff.name == norm or diff.name.startswith(norm + "."):
+            return norm
+    return None
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """Eval-mode copy of `model` in float32 (reconstruction always runs in float32)."""
+    fp = copy.deepcopy(model).eval()
+    if any(p.is_floating_point() and p.dtype != torch.float32
+           for p in [*fp.parameters(), *fp.buffers()]):
+        fp = fp.float()
+    return fp
+
+
+def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    try:
+        return run_outputs(model, x)
+    except Exception as exc:  # the model's own error, re-raised with the input that caused it
+        raise CalibrationDataError(
+            f"the model rejected calibration inputs of shape {tuple(x.shape)} "
+            f"({type(exc).__name__}: {exc}); pass inputs shaped and preprocessed as the model "
+            "expects them"
+        ) from exc
+
+
+def check_wrapped(fp: nn.Module, qmodel: nn.Module, x: Tensor) -> None:
+    """The network with quantized twins swapped in (still computing in float) must equal the
+    prepared float network; where not, name the first module that differs."""
+    xb = x[:CHECK_SAMPLES]
+    error = relative_error(_outputs(fp, xb), _outputs(qmodel, xb))
+    if error <= TOLERANCE:
+        return
+    diff = first_difference(fp, qmodel, xb)
+    where = diff.describe() if diff is not None else "no single module"
+    raise ModelError(
+        f"wrapping this network's layers for quantization changes its output (relative error "
+        f"{error:.3g}; first difference at {where}): its forward code depends on the layer "
+        "objects themselves; exclude that module (exclude=(...)) or report the model"
+    )
 
 
 def quantize(
@@ -78,9 +173,16 @@ def quantize(
     cfg = config or QuantConfig()
     if (note := short_run_note(cfg)) is not None:
         log.warning("%s", note)
+    check_model(model)
+    structured = collect_structured(calib, model)
+    if structured is not None:  # several inputs: tuples or dicts of tensors per batch
+        return _quantize_structured(model, structured, cfg, progress)
     check_finite_weights(model)
     device = model_device(model)
     x = collect_calibration(calib).to(device)
+    dtype = _float_dtype(model)
+    if x.is_floating_point():
+        x = x.float()  # reconstruction runs in float32 whatever the model's dtype
     if cfg.rounding == "adaround" and x.shape[0] < cfg.batch_size:
         raise CalibrationDataError(
             f"calibration data has {x.shape[0]} samples, fewer than batch_size={cfg.batch_size}: "
@@ -89,6 +191,7 @@ def quantize(
     fp, trace, folded = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
     qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    check_wrapped(fp, qmodel, x)
     if cfg.act_bits is not None:
         calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)
         log.info("%s", describe_convention(cfg, trace.names()))
@@ -97,12 +200,34 @@ def quantize(
     else:
         report = _round_layers(fp, qmodel, plans, x, cfg, progress)
     qmodel.eval()
+    if dtype is not None and dtype != torch.float32:
+        qmodel = qmodel.to(dtype)  # codes stay integers; scales and biases take the dtype
     setattr(qmodel, META_ATTR, {
         "config": cfg.to_dict(),
         "folded": folded,
         "layers": {p.name: p.bits for p in plans},
         "act_quant": act_quant_spec(qmodel),  # {layer: {bits, signed}}; scales in the state
     })
+    setattr(qmodel, REPORT_ATTR, report)
+    return qmodel
+
+
+def _quantize_structured(model: nn.Module, inputs: Structured, cfg: QuantConfig,
+                         progress: bool) -> nn.Module:
+    """Quantize a model with several inputs through an index-driven wrapper, then unwrap."""
+    device = model_device(model)
+    inputs = Structured([t.to(device) for t in inputs.args],
+                        {k: t.to(device) for k, t in inputs.kwargs.items()})
+    wrapped = quantize(IndexedInputs(model, inputs), torch.arange(inputs.count()), cfg,
+                       progress=progress)
+    qmodel = wrapped.model
+    meta = getattr(wrapped, META_ATTR)
+    meta["folded"] = {strip_prefix(k): strip_prefix(v) for k, v in meta["folded"].items()}
+    for key in ("layers", "act_quant"):
+        meta[key] = {strip_prefix(k): v for k, v in meta[key].items()}
+    setattr(qmodel, META_ATTR, meta)
+    report = [dataclasses.replace(r, name=strip_prefix(r.name))
+              for r in getattr(wrapped, REPORT_ATTR)]
     setattr(qmodel, REPORT_ATTR, report)
     return qmodel
 
@@ -203,13 +328,21 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
 
 def _log_layer(result: LayerResult, plan: LayerPlan, qlayer: QuantLayer, cfg: QuantConfig,
                after_activation: bool) -> None:
+    """One line per layer: nearest and AdaRound on the same loss (and on the optimised one,
+    where that is another: the quadratic loss is taken before the activation)."""
     assert plan.info is not None
+    where = result.measured
+    if after_activation and plan.info.activation_name:
+        where = f"after {plan.info.activation_name}"
+    optimised = ""
+    if result.objective_nearest is not None and result.objective_adaround is not None:
+        optimised = (f"; optimised loss (quadratic, layer output) nearest "
+                     f"{result.objective_nearest:.4g} -> adaround {result.objective_adaround:.4g}")
     log.info(
-        "%s (W%d%s%s): loss nearest %.4g -> adaround %.4g, %.1f%% rounded differently, "
+        "%s (W%d%s): loss %s nearest %.4g -> adaround %.4g%s, %.1f%% rounded differently, "
         "%s%s, %.1fs",
-        plan.name, plan.bits, act_note(qlayer),
-        f", loss after {plan.info.activation_name}" if after_activation else "",
-        result.loss_nearest, result.loss_adaround, 100 * result.flipped,
+        plan.name, plan.bits, act_note(qlayer), where,
+        result.loss_nearest, result.loss_adaround, optimised, 100 * result.flipped,
         _describe(result, cfg, plan),
         f", in one loop with {result.batched - 1} like it" if result.batched > 1 else "",
         result.seconds,

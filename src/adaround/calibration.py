@@ -68,6 +68,29 @@ def collect_calibration(calib: Any, limit: int | None = None) -> Tensor:
     return x
 
 
+def check_model(model: Any) -> None:
+    """Refuse, by name, what `quantize` cannot take: not an nn.Module, a TorchScript or
+    torch.export program, weights on the meta device, a model quantized already."""
+    if type(model).__name__ == "ExportedProgram":
+        raise ModelError("a torch.export program cannot be quantized: pass the nn.Module it "
+                         "was exported from (quantize, then export the result)")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError("a TorchScript module cannot be quantized: pass the Python nn.Module "
+                         "it was scripted or traced from")
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the model is a {type(model).__name__}, not a torch.nn.Module: pass "
+                         "the network itself (e.g. torchvision.models.resnet18())")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise ModelError(f"{name} is on the meta device (no values): load the weights "
+                             "first, e.g. model.to_empty(device='cpu') then load_state_dict")
+    from adaround.nn.quant_layer import QuantLayer
+
+    if hasattr(model, "adaround_meta") or any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ModelError("this model is already quantized by adaround: pass the float model "
+                         "(adaround.load(path, float_model) rebuilds a saved result)")
+
+
 def check_finite_weights(model: nn.Module) -> None:
     """Refuse a model whose parameters or buffers hold NaN or Inf."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

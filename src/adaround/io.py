@@ -10,6 +10,7 @@ is one atomic rename. Files of the previous format (a torch pickle, version 1) s
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import json
@@ -202,6 +203,10 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             f"unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}): pass the model it "
             "was quantized from"
         )
+    # the modules' state-dict versions (some check theirs in _load_from_state_dict, e.g.
+    # torchvision's MNASNet) come from the model itself: the file holds tensors only
+    state = collections.OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     qmodel.load_state_dict(state, strict=False)
     for module in qmodel.modules():
         if isinstance(module, QuantLayer):

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from adaround.config import QuantConfig
 from adaround.errors import ModelError
@@ -23,41 +23,97 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def is_frozen_norm(module: nn.Module) -> bool:
+    """A BatchNorm kept as buffers (torchvision's FrozenBatchNorm2d and its likes): per-channel
+    weight, bias, running mean and variance, and an eps, but not a torch BatchNorm."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    return (all(k in buffers for k in ("weight", "bias", "running_mean", "running_var"))
+            and isinstance(getattr(module, "eps", None), float))
+
+
+def _norm_terms(bn: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, std, gamma, beta) of an eval-mode BatchNorm or frozen norm."""
+    mean, var = bn.running_mean, bn.running_var
+    std = torch.sqrt(var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    return mean, std, gamma, beta
+
+
 @torch.no_grad()
-def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    """Fold an eval-mode BatchNorm into the preceding layer's weight and bias."""
-    std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight if bn.affine else torch.ones_like(std)
-    beta = bn.bias if bn.affine else torch.zeros_like(std)
+def fold_bn_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold an eval-mode BatchNorm (or frozen norm) into the preceding layer's weight and bias."""
+    mean, std, gamma, beta = _norm_terms(bn)
     factor = gamma / std
     axis = output_channel_axis(layer)
     shape = [1] * layer.weight.dim()
     shape[axis] = -1
     layer.weight.mul_(factor.reshape(shape))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * factor + beta
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
+    new_bias = (bias - mean) * factor + beta
     layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
 
 
+@torch.no_grad()
+def neutralise_norm(bn: nn.Module) -> None:
+    """Make a norm's affine normalisation exactly the identity (mean 0, variance 1, eps 0,
+    weight 1, bias 0) and keep the module: whatever else its forward does (timm's
+    BatchNormAct2d applies its activation and drop-out there) still runs."""
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0
+    if bn.weight is not None:
+        bn.weight.fill_(1.0)
+    if bn.bias is not None:
+        bn.bias.zero_()
+    bn.adaround_neutral = True
+
+
+def _plain_batchnorm(bn: nn.Module) -> bool:
+    """A torch BatchNorm whose forward is torch's own: replacing it by Identity is exact."""
+    return (isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and type(bn).forward is nn.modules.batchnorm._BatchNorm.forward
+            and not bn._forward_hooks and not bn._forward_pre_hooks)
+
+
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+    if getattr(bn, "adaround_neutral", False):
+        return False
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if bn.running_mean is None:
+            return False
+    elif not is_frozen_norm(bn):
         return False
     groups = getattr(layer, "groups", 1)
     transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     return not (transposed and groups != 1)
 
 
-def fold_batchnorms(model: nn.Module, trace: Trace) -> dict[str, str]:
-    """Fold every BatchNorm that is the sole consumer of a layer's output; returns the pairs."""
+def fold_pair(model: nn.Module, layer_name: str, bn_name: str) -> None:
+    """Fold norm `bn_name` into layer `layer_name`: a plain BatchNorm becomes Identity, any
+    other norm stays in place with its normalisation made the identity."""
+    bn = model.get_submodule(bn_name)
+    fold_bn_into(model.get_submodule(layer_name), bn)
+    if _plain_batchnorm(bn):
+        set_submodule(model, bn_name, nn.Identity())
+    else:
+        neutralise_norm(bn)
+
+
+def fold_batchnorms(model: nn.Module, trace: Trace,
+                    keep: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Fold every BatchNorm that is the sole consumer of a layer's output (except the norms
+    named in `keep`); returns the pairs {layer: norm}."""
     folded: dict[str, str] = {}
     for info in trace.layers:
-        if info.batchnorm is None:
+        if info.batchnorm is None or info.batchnorm in keep:
             continue
         layer, bn = model.get_submodule(info.name), model.get_submodule(info.batchnorm)
         if isinstance(layer, QuantLayer) or not _foldable(layer, bn):
             continue
-        fold_bn_into(layer, bn)
-        set_submodule(model, info.batchnorm, nn.Identity())
+        fold_pair(model, info.name, info.batchnorm)
         folded[info.name] = info.batchnorm
     return folded
 
@@ -65,8 +121,7 @@ def fold_batchnorms(model: nn.Module, trace: Trace) -> dict[str, str]:
 def apply_folds(model: nn.Module, folded: dict[str, str]) -> None:
     """Repeat a recorded folding on a fresh copy of the same architecture (used by load)."""
     for layer_name, bn_name in folded.items():
-        fold_bn_into(model.get_submodule(layer_name), model.get_submodule(bn_name))
-        set_submodule(model, bn_name, nn.Identity())
+        fold_pair(model, layer_name, bn_name)
 
 
 @dataclass

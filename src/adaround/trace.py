@@ -121,7 +121,7 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         name = names[id(module)]
         stack.append(name)
-        if isinstance(module, _BATCHNORMS) and args and isinstance(args[0], Tensor):
+        if _is_norm(module) and args and isinstance(args[0], Tensor):
             bn_inputs.setdefault(name, id(args[0]))
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -144,27 +144,56 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
         for handle in handles:
             handle.remove()
     trace = Trace([infos[n] for n in order])
+    frozen = {n for n, m in model.named_modules() if _is_frozen_norm(m)}
+    neutral = {n for n, m in model.named_modules() if getattr(m, "adaround_neutral", False)}
     for info in trace.layers:
-        _classify_consumer(info, recorder.calls, bn_inputs)
+        _classify_consumer(info, recorder.calls, bn_inputs, frozen, neutral)
     return trace
 
 
-def _classify_consumer(info: LayerInfo, calls: list[_Call], bn_inputs: dict[str, int]) -> None:
-    if info.output_id is None or info.calls != 1:
-        return
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _BATCHNORMS) or _is_frozen_norm(module)
+
+
+def _is_frozen_norm(module: nn.Module) -> bool:
+    from adaround.prepare import is_frozen_norm  # prepare imports this module
+
+    return is_frozen_norm(module)
+
+
+def _sole_user(calls: list[_Call], tensor_id: int, name: str) -> _Call | None:
     users = []
     for call in calls:
-        if info.output_id in call.inputs and info.name not in call.modules:
+        if tensor_id in call.inputs and name not in call.modules:
             users.append(call)
-            if info.output_id in call.outputs:  # in-place: later uses see the new value
+            if tensor_id in call.outputs:  # in-place: later uses see the new value
                 break
-    if len(users) != 1:
+    return users[0] if len(users) == 1 else None
+
+
+def _classify_consumer(info: LayerInfo, calls: list[_Call], bn_inputs: dict[str, int],
+                       frozen: set[str], neutral: set[str]) -> None:
+    """The norm to fold into the layer, or the activation its loss should include. Calls
+    inside a norm already folded (made the identity, kept for what else its forward does)
+    are followed through."""
+    if info.output_id is None or info.calls != 1:
         return
-    user = users[0]
-    owner = user.modules[-1] if user.modules else None
-    if owner in bn_inputs and bn_inputs[owner] == info.output_id and user.func is F.batch_norm:
-        info.batchnorm = owner
-        return
-    found = _activation(user, info.output_id)
-    if found is not None:
-        info.activation, info.activation_name = found
+    tensor_id = info.output_id
+    for _ in range(8):
+        user = _sole_user(calls, tensor_id, info.name)
+        if user is None:
+            return
+        owner = user.modules[-1] if user.modules else None
+        if (owner in bn_inputs and bn_inputs[owner] == tensor_id and owner not in neutral
+                and (user.func is F.batch_norm or owner in frozen)):
+            info.batchnorm = owner
+            return
+        found = _activation(user, tensor_id)
+        if found is not None:
+            info.activation, info.activation_name = found
+            return
+        inside = [m for m in user.modules if m in neutral]
+        outputs = [t for t in user.outputs if t != tensor_id]
+        if not inside or len(user.outputs) != 1 or len(outputs) != 1:
+            return
+        tensor_id = outputs[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -100,6 +102,20 @@ class QuantLayer(nn.Module):
         self.mode = "float"
         # fake quantization of this layer's input (an ActQuant, nn/act_quant.py), or None
         self.act_quant: nn.Module | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapped layer has (`weight`, `bias`, `in_channels`, `stride`, ...)
+        read through, so model code that reads them from the module it called still works;
+        `weight` is the weight the layer computes with (the quantized one once rounded)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name.startswith("__") or "layer" not in modules:
+                raise
+            if name == "weight" and self.__dict__.get("mode") == "quantized":
+                return self.quantized_weight()
+            return getattr(modules["layer"], name)
 
     @property
     def channel_dim(self) -> int:

@@ -19,8 +19,8 @@ from torch import Tensor
 from adaround.config import QuantConfig
 from adaround.nn.quant_layer import QuantLayer
 from adaround.primitives import dequantize
-from adaround.reconstruct.loop import LayerResult, Objective, round_weights
-from adaround.reconstruct.quadratic import Moments, quadratic_loss, weight_rows
+from adaround.reconstruct.loop import LayerResult, Objective, moment_loss, round_weights
+from adaround.reconstruct.quadratic import Moments, weight_rows
 
 
 class StackedQuadraticLoss:
@@ -47,11 +47,6 @@ def stack_key(qlayer: QuantLayer) -> tuple[object, ...]:
             weight.dtype, weight.device)
 
 
-def _moment_loss(qlayer: QuantLayer, moments: Moments, weight: Tensor) -> float:
-    dw = weight_rows(qlayer.layer, weight) - weight_rows(qlayer.layer, qlayer.layer.weight)
-    return quadratic_loss(moments, dw.detach()).item()
-
-
 def round_stacked(named: Sequence[tuple[str, QuantLayer, Moments]], cfg: QuantConfig,
                   progress: bool = False) -> list[LayerResult]:
     """Round every layer of `named`, same-shaped layers in one loop; store their codes."""
@@ -75,9 +70,10 @@ def round_stacked(named: Sequence[tuple[str, QuantLayer, Moments]], cfg: QuantCo
             qlayer.set_codes(layer_codes)
             weight_nearest = dequantize(nearest, qlayer.weight_scale(), qlayer.weight_zero_point())
             results[name] = LayerResult(
-                name=name, loss_nearest=_moment_loss(qlayer, moments, weight_nearest),
-                loss_adaround=_moment_loss(qlayer, moments, qlayer.quantized_weight()),
+                name=name, loss_nearest=moment_loss(qlayer, moments, weight_nearest),
+                loss_adaround=moment_loss(qlayer, moments, qlayer.quantized_weight()),
                 flipped=(layer_codes != nearest).float().mean().item(), iters=steps_run,
                 seconds=seconds, objective="quadratic", step_seconds=seconds,
+                measured="quadratic loss, layer output",
                 batched=len(members))
     return [results[name] for name, _, _ in named]

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adaround.errors import ModelError
+
 
 class _Reached(Exception):
     """Raised by a hook to stop the forward pass once the layer's input is captured."""
@@ -36,11 +38,18 @@ def layer_inputs(model: nn.Module, layer: nn.Module, batches: list[Tensor]) -> T
     """The input of `layer` for every batch (each forward pass stops at the layer)."""
     inputs: list[Tensor] = []
     with torch.no_grad(), _capture_input(layer, inputs):
-        for batch in batches:
+        for i, batch in enumerate(batches):
             try:
                 model(batch)
             except _Reached:
                 pass
+            if len(inputs) != i + 1:
+                name = next((n for n, m in model.named_modules() if m is layer), "?")
+                raise ModelError(
+                    f"layer {name} ({type(layer).__name__}) is not called for every calibration "
+                    "batch: the model's forward takes data-dependent branches around it; "
+                    f"exclude it (exclude=({name!r},)) or make the branch independent of the data"
+                )
     return torch.cat(inputs)
 
 

@@ -46,6 +46,12 @@ class LayerResult:
     data_seconds: float = 0.0  # inputs, targets and moments, before the first step
     step_seconds: float = 0.0  # the optimisation steps
     batched: int = 1  # layers that shared this layer's loop (inputs="float")
+    # where loss_nearest/loss_adaround are measured: "after <activation>" or "layer output"
+    measured: str = "layer output"
+    # the loss optimised, where it is another one (the quadratic loss, before the
+    # activation), for nearest and AdaRound codes alike
+    objective_nearest: float | None = None
+    objective_adaround: float | None = None
 
 
 @torch.no_grad()
@@ -66,6 +72,12 @@ def layer_loss(
         total += reconstruction_loss(out, ts, qlayer.channel_dim).item() * xs.shape[0]
         count += xs.shape[0]
     return total / max(count, 1)
+
+
+def moment_loss(qlayer: QuantLayer, moments: Moments, weight: Tensor) -> float:
+    """The quadratic loss (before any activation) of `weight`, from the input moments."""
+    dw = weight_rows(qlayer.layer, weight) - weight_rows(qlayer.layer, qlayer.layer.weight)
+    return quadratic_loss(moments, dw.detach()).item()
 
 
 def fast_layout(t: Tensor) -> Tensor:
@@ -375,7 +387,9 @@ def adaround_layer(
     With `moments` (of the layer's inputs) and cfg.loss "quadratic" or "quadratic_warmup", the
     quadratic-form loss replaces the sampled one (in the warm start only, for the latter): it
     has no activation inside, so for a layer followed by one it is the loss before it. The
-    losses reported are the sampled ones on (x, target) either way.
+    losses reported are the sampled ones on (x, target) either way (after the activation),
+    for nearest and AdaRound codes alike; with moments, the optimised quadratic loss of both
+    is reported beside them.
     """
     begin = time.perf_counter()
     start = begin if start is None else start
@@ -396,4 +410,9 @@ def adaround_layer(
         objective="sampled" if moments is None else cfg.loss.replace("auto", "quadratic"),
         data_seconds=begin - start,
         step_seconds=step_seconds,
+        measured="after activation" if activation is not None else "layer output",
+        objective_nearest=None if moments is None else moment_loss(qlayer, moments,
+                                                                    weight_nearest),
+        objective_adaround=None if moments is None else moment_loss(
+            qlayer, moments, qlayer.quantized_weight()),
     )

@@ -59,8 +59,10 @@ class Stream:
     """Node values of one network for every calibration chunk, advanced node by node."""
 
     def __init__(self, graph: fx.Graph, root: nn.Module, chunks: list[Tensor],
-                 after_node: Callable[[], None] | None = None) -> None:
+                 after_node: Callable[[], None] | None = None,
+                 constants: dict[str, Tensor] | None = None) -> None:
         self.root = root
+        self.constants = constants or {}
         self.after_node = after_node
         self.nodes = list(graph.nodes)
         self.chunks = chunks
@@ -90,7 +92,10 @@ class Stream:
         if node.op == "placeholder":
             return chunk if node is self.nodes[0] else (node.args[0] if node.args else None)
         if node.op == "get_attr":
-            return _fetch_attr(self.root, str(node.target))
+            target = str(node.target)
+            if target in self.constants:
+                return self.constants[target]
+            return _fetch_attr(self.root, target)
         args, kwargs = self.arguments(node, env)
         if node.op == "call_function":
             return node.target(*args, **kwargs)  # type: ignore[operator]
@@ -126,11 +131,12 @@ class GraphEngine:
     """Layer data from two streams (FP and quantized) that advance together through the graph."""
 
     def __init__(self, graph: fx.Graph, fp: nn.Module, qmodel: nn.Module,
-                 chunks: list[Tensor], store: SpillStore | None = None) -> None:
+                 chunks: list[Tensor], store: SpillStore | None = None,
+                 constants: dict[str, Tensor] | None = None) -> None:
         self.store = store
         after = self._fit_budget if store is not None else None
-        self.fp_stream = Stream(graph, fp, chunks, after)
-        self.q_stream = Stream(graph, qmodel, chunks, after)
+        self.fp_stream = Stream(graph, fp, chunks, after, constants)
+        self.q_stream = Stream(graph, qmodel, chunks, after, constants)
         self.fp = fp
         self.position = {}
         for i, node in enumerate(self.fp_stream.nodes):
@@ -205,6 +211,19 @@ class RerunEngine:
         return capture_outputs(self.fp, name, self.chunks, activation)
 
 
+def _take_constants(graph: fx.Graph, traced: nn.Module) -> dict[str, Tensor]:
+    """Tensors that torch.fx computed while tracing (e.g. a frozen norm's scale, made from its
+    buffers outside any traced value) and stored on the traced module as `_tensor_constantN`:
+    moved into a table that both streams read, off the user's module."""
+    constants = {}
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op == "get_attr" and target.startswith("_tensor_constant"):
+            constants[target] = getattr(traced, target)
+            delattr(traced, target)
+    return constants
+
+
 def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
                 names: list[str], store: SpillStore | None = None,
                 blocks: frozenset[str] = frozenset()) -> GraphEngine | RerunEngine:
@@ -217,7 +236,7 @@ def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
                  type(qmodel).__name__, type(exc).__name__, str(exc).splitlines()[0][:120])
         return RerunEngine(fp, qmodel, chunks)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    engine = GraphEngine(graph, fp, qmodel, chunks, store)
+    engine = GraphEngine(graph, fp, qmodel, chunks, store, _take_constants(graph, qmodel))
     order = [engine.position.get(name, -1) for name in names]
     extra_inputs = any(not p.args for p in placeholders[1:])
     if extra_inputs or min(order, default=0) < 0 or order != sorted(order):
