@@ -215,3 +215,19 @@ class TokensAndMask(nn.Module):
         h = h + self.fc2(F.gelu(self.fc1(h)))
         mask = attention_mask.unsqueeze(-1).float() if attention_mask is not None else 1.0
         return {"last_hidden_state": h, "pooled": (h * mask).sum(1)}
+
+
+class AuxHead(nn.Module):
+    """torchvision's GoogLeNet / Inception v3: an auxiliary classifier run in training only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.aux = nn.Linear(8, 3)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x)).mean((2, 3))
+        if self.training:
+            return self.head(x) + self.aux(x)
+        return self.head(x)

@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 from pattern_models import (
+    AuxHead,
     DataDependent,
     TokensAndMask,
     TwoInputs,
@@ -183,3 +184,14 @@ def test_keyword_inputs_from_a_dict() -> None:
     ref, out = model(ids, attention_mask=mask), qmodel(ids, attention_mask=mask)
     assert relative_error(list(ref.values()), list(out.values())) < 1e-2
     assert set(qmodel.adaround_meta["layers"]) == {"fc1", "fc2"}
+
+
+def test_layers_that_do_not_run_in_eval_mode_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ort = pytest.importorskip("onnxruntime")
+    model, x = AuxHead().eval(), _images()
+    qmodel = adaround.quantize(model, x, W8)
+    assert qmodel.aux.mode == "quantized"  # rounded to nearest, never called
+    path = adaround.export_onnx(qmodel, x[:1], tmp_path / "aux.onnx")
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), qmodel(x), rtol=1e-4, atol=1e-5)

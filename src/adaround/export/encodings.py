@@ -31,6 +31,7 @@ from adaround.errors import ExportError
 from adaround.export.graph import (
     consumers,
     data_input,
+    executed_layers,
     export_float_graph,
     float_twin,
     locate_weights,
@@ -96,7 +97,7 @@ def encodings_dict(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...]
         params = {f"{name}.weight" if name else "weight": param_encoding(q) for name, q in layers}
     else:
         proto = export_float_graph(float_twin(qmodel), example_input)
-        for site in locate_weights(proto, qmodel):
+        for site in locate_weights(proto, qmodel, executed_layers(qmodel, example_input)):
             params[site.initializer] = param_encoding(site.qlayer)
             act = enabled_act_quant(site.qlayer)
             if act is None:

@@ -128,8 +128,26 @@ def _fingerprint(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest() + str(array.shape)
 
 
-def locate_weights(proto: Any, qmodel: nn.Module) -> list[WeightSite]:
-    """Find each QuantLayer's dequantized weight among `proto`'s initializers."""
+def executed_layers(qmodel: nn.Module, example_input: Any) -> set[str]:
+    """The QuantLayers that the forward pass runs on `example_input` (an auxiliary head that
+    only runs in training mode does not, and has no place in the exported graph)."""
+    seen: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, n=n: seen.add(n))
+               for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
+    try:
+        with torch.no_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            qmodel(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def locate_weights(proto: Any, qmodel: nn.Module,
+                   executed: set[str] | None = None) -> list[WeightSite]:
+    """Find each QuantLayer's dequantized weight among `proto`'s initializers (of the layers
+    in `executed`, where given: the others are not part of the exported computation)."""
     from onnx import numpy_helper
 
     arrays = {init.name: init for init in proto.graph.initializer}
@@ -140,6 +158,10 @@ def locate_weights(proto: Any, qmodel: nn.Module) -> list[WeightSite]:
     layers = [("", qmodel)] if isinstance(qmodel, QuantLayer) else quant_layers(qmodel)
     sites = []
     for name, qlayer in layers:
+        if executed is not None and name not in executed:
+            log.info("layer %s does not run on the example input (e.g. an auxiliary head in "
+                     "eval mode): it is not in the exported graph", name)
+            continue
         weight = qlayer.quantized_weight().detach().cpu().float().numpy()
         wname = f"{name}.weight" if name else "weight"
         if wname in arrays and np.array_equal(numpy_helper.to_array(arrays[wname]), weight):

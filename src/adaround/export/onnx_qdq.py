@@ -28,6 +28,7 @@ from adaround.export.graph import (
     WeightSite,
     consumers,
     data_input,
+    executed_layers,
     export_float_graph,
     float_twin,
     locate_weights,
@@ -74,7 +75,7 @@ def build_onnx(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...], *,
     proto = export_float_graph(float_twin(qmodel), example_input, dynamic_batch)
     if not qdq:
         return proto
-    sites = locate_weights(proto, qmodel)
+    sites = locate_weights(proto, qmodel, executed_layers(qmodel, example_input))
     for site in sites:
         quantize_activation(proto, site)
     done: set[str] = set()
