@@ -145,9 +145,14 @@ def plan_layers(model: nn.Module, trace: Trace, cfg: QuantConfig) -> list[LayerP
     """Layers to quantize with their bit width, in execution order (unused layers last)."""
     candidates = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not candidates:
+        others = sorted({type(m).__name__ for m in model.modules()
+                         if isinstance(getattr(m, "weight", None), nn.Parameter)
+                         and m.weight.dim() >= 2})
+        seen = f" (its layers with weights: {', '.join(others[:6])})" if others else ""
         raise ModelError(
-            f"{type(model).__name__} has no quantizable layer: adaround quantizes Conv1d/2d/3d, "
-            "ConvTranspose1d/2d/3d and Linear modules (functional convolutions are not seen)"
+            f"{type(model).__name__} has no quantizable layer{seen}: adaround quantizes "
+            "Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear modules (functional convolutions "
+            "and other layer types, e.g. transformers' Conv1D, are not seen)"
         )
     infos = {info.name: info for info in trace.layers}
     executed = [n for n in trace.names() if _selected(n, cfg)]

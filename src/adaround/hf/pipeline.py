@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from adaround.api import META_ATTR, REPORT_ATTR
 from adaround.calibration import check_finite_weights, model_device
 from adaround.config import QuantConfig, short_run_note
-from adaround.errors import ConfigError
+from adaround.equivalence import CHECK_SAMPLES, TOLERANCE, flatten_tensors, relative_error
+from adaround.errors import ConfigError, ModelError
 from adaround.hf.blocks import (
     BlockCall,
     Reached,
@@ -50,6 +51,24 @@ log = logging.getLogger(__name__)
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _check_wrapped(model: nn.Module, qmodel: nn.Module, batch: dict[str, Any],
+                   device: torch.device) -> None:
+    """The model with its Linear layers wrapped (still float) must equal the user's model on
+    a few calibration samples; where not, name the first module that differs."""
+    small = {k: v[:CHECK_SAMPLES] if isinstance(v, Tensor) else v for k, v in batch.items()}
+    reference = copy.deepcopy(model).eval().to(device)
+    with torch.no_grad(), no_cache(reference), no_cache(qmodel):
+        forward(reference, small)  # names a batch the model rejects
+        error = relative_error(flatten_tensors(reference(**small)),
+                               flatten_tensors(qmodel(**small)))
+    if error <= TOLERANCE:
+        return
+    raise ModelError(
+        f"wrapping this transformer's Linear layers for quantization changes its output "
+        f"(relative error {error:.3g}): its forward code depends on the layer objects "
+        "themselves; exclude those blocks (HFOptions(blocks=...)) or report the model")
 
 
 def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
@@ -90,6 +109,8 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
     else:
         qmodel.to(device)
     plan = plan_hf(qmodel, blocks_name, blocks, cfg, opts)
+    if not opts.offload:
+        _check_wrapped(model, qmodel, batches[0], device)
     limit = opts.memory_budget_mb
     if limit is None:  # QuantConfig's budget (the same option for `adaround.quantize`)
         limit = getattr(cfg, "memory_budget_mb", None)
