@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from adaround.reconstruct.cache import not_called
 from adaround.reconstruct.loop import fast_layout
 
 
@@ -84,7 +85,7 @@ def capture_inputs(model: nn.Module, name: str, chunks: list[Tensor]) -> UnitInp
     finally:
         handle.remove()
     if len(calls) != len(chunks):
-        raise RuntimeError(f"{name} was not called on every calibration chunk")
+        raise not_called(name, model.get_submodule(name))
     return UnitInputs.from_calls(calls)
 
 
@@ -116,6 +117,8 @@ def capture_outputs(model: nn.Module, name: str, chunks: list[Tensor],
                     pass
     finally:
         handle.remove()
+    if len(outputs) != len(chunks):
+        raise not_called(name, model.get_submodule(name))
     return stack_outputs(outputs, activation)
 
 

@@ -45,12 +45,16 @@ def layer_inputs(model: nn.Module, layer: nn.Module, batches: list[Tensor]) -> T
                 pass
             if len(inputs) != i + 1:
                 name = next((n for n, m in model.named_modules() if m is layer), "?")
-                raise ModelError(
-                    f"layer {name} ({type(layer).__name__}) is not called for every calibration "
-                    "batch: the model's forward takes data-dependent branches around it; "
-                    f"exclude it (exclude=({name!r},)) or make the branch independent of the data"
-                )
+                raise not_called(name, layer)
     return torch.cat(inputs)
+
+
+def not_called(name: str, module: nn.Module) -> ModelError:
+    """The error for a layer or block that the forward pass skips on some calibration data."""
+    return ModelError(
+        f"{name} ({type(module).__name__}) is not called for every calibration batch: the "
+        "model's forward takes data-dependent branches around it; exclude it "
+        f"(exclude=({name!r},)) or make the branch independent of the data")
 
 
 def layer_target(layer: nn.Module, x_fp: Tensor,
