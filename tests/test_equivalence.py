@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pattern_models import (
     AuxHead,
     DataDependent,
@@ -195,3 +196,16 @@ def test_layers_that_do_not_run_in_eval_mode_export(tmp_path) -> None:  # type: 
     session = ort.InferenceSession(str(path))
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), qmodel(x), rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_on_a_layer_still_run_once_it_is_quantized() -> None:
+    model, x = WeightReader().eval(), _images()
+    seen: list[torch.Tensor] = []
+    model.conv.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    qmodel = adaround.quantize(model, x, QuantConfig(weight_bits=4, rounding="nearest"))
+    seen.clear()
+    out = qmodel(x)
+    assert len(seen) == 1  # the user's feature hook fired on the quantized conv
+    expected = F.conv2d(x, qmodel.conv.quantized_weight(), qmodel.conv.bias, padding=1)
+    torch.testing.assert_close(seen[0], expected)
+    assert out.shape == (16, 4)

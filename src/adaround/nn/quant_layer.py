@@ -35,10 +35,12 @@ def output_channel_axis(layer: nn.Module) -> int:
 def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """Run `layer`'s operation with `weight` in place of its own.
 
-    Subclasses with their own forward (e.g. TF-style "same" padding convolutions) run that
-    forward with the weight swapped in; the standard layers take a direct functional path.
+    Subclasses with their own forward (e.g. TF-style "same" padding convolutions) and layers
+    with hooks (the user's, e.g. feature extraction) run through the module with the weight
+    swapped in; the standard layers take a direct functional path.
     """
-    if type(layer).forward not in _STANDARD_FORWARDS:
+    if (type(layer).forward not in _STANDARD_FORWARDS or layer._forward_hooks
+            or layer._forward_pre_hooks):  # the module's own call: its hooks run too
         return functional_call(layer, {"weight": weight}, (x,))
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, layer.bias)
