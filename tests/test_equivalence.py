@@ -209,3 +209,25 @@ def test_hooks_on_a_layer_still_run_once_it_is_quantized() -> None:
     expected = F.conv2d(x, qmodel.conv.quantized_weight(), qmodel.conv.bias, padding=1)
     torch.testing.assert_close(seen[0], expected)
     assert out.shape == (16, 4)
+
+
+def test_model_code_that_reads_weights_runs_in_the_one_pass_engine() -> None:
+    """edgenext's regression: fx traced `self.conv.weight` as `conv.layer.weight`, which the FP
+    stream does not have (AttributeError) and which is the float weight in the quantized one."""
+    from adaround.api import float_copy
+    from adaround.prepare import plan_layers, swap_in_quant_layers
+    from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
+
+    model, x = WeightReader().eval(), _images(32)
+    cfg = QuantConfig(weight_bits=3, iters=10, batch_size=8)
+    fp, trace, _ = prepare_float(model, x, cfg)
+    plans = plan_layers(fp, trace, cfg)
+    qmodel = swap_in_quant_layers(float_copy(fp), plans, cfg)
+    chunks = list(x.split(16))
+    graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
+    assert isinstance(graph, GraphEngine)
+    qmodel.conv.set_codes(qmodel.conv.nearest_codes())  # the stream after conv is quantized
+    xq_graph, _ = graph.layer_data("proj", None)
+    xq_rerun, _ = RerunEngine(fp, qmodel, chunks).layer_data("proj", None)
+    torch.testing.assert_close(xq_graph, xq_rerun)
+    assert relative_error([model(x)], [adaround.quantize(model, x, cfg)(x)]) < 0.2

@@ -224,6 +224,24 @@ def _take_constants(graph: fx.Graph, traced: nn.Module) -> dict[str, Tensor]:
     return constants
 
 
+def _through_wrappers(graph: fx.Graph, traced: nn.Module) -> None:
+    """Model code that reads a wrapped layer's weight itself (`self.conv.weight`) is traced as
+    `conv.layer.weight`, which the FP network does not have and which, in the quantized one,
+    is the float weight. Read it as `conv.weight` instead: the FP layer's weight there, the
+    weight the QuantLayer computes with here."""
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        parts, module, kept = str(node.target).split("."), traced, []
+        for i, part in enumerate(parts):
+            if isinstance(module, QuantLayer) and part == "layer" and i < len(parts) - 1:
+                module = module.layer
+                continue
+            kept.append(part)
+            module = getattr(module, part, None)
+        node.target = ".".join(kept)
+
+
 def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
                 names: list[str], store: SpillStore | None = None,
                 blocks: frozenset[str] = frozenset()) -> GraphEngine | RerunEngine:
@@ -235,6 +253,7 @@ def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
         log.info("torch.fx cannot trace %s (%s: %s); re-running the network for each layer",
                  type(qmodel).__name__, type(exc).__name__, str(exc).splitlines()[0][:120])
         return RerunEngine(fp, qmodel, chunks)
+    _through_wrappers(graph, qmodel)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     engine = GraphEngine(graph, fp, qmodel, chunks, store, _take_constants(graph, qmodel))
     order = [engine.position.get(name, -1) for name in names]
