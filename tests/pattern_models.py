@@ -231,3 +231,18 @@ class AuxHead(nn.Module):
         if self.training:
             return self.head(x) + self.aux(x)
         return self.head(x)
+
+
+class TracesDifferently(nn.Module):
+    """Code that takes another path under torch.fx tracing (some Hugging Face models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x)).mean((2, 3))
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            x = x * 2
+        return self.head(x)

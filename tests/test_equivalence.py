@@ -12,6 +12,7 @@ from pattern_models import (
     AuxHead,
     DataDependent,
     TokensAndMask,
+    TracesDifferently,
     TwoInputs,
     TypeChecker,
     Versioned,
@@ -231,3 +232,13 @@ def test_model_code_that_reads_weights_runs_in_the_one_pass_engine() -> None:
     xq_rerun, _ = RerunEngine(fp, qmodel, chunks).layer_data("proj", None)
     torch.testing.assert_close(xq_graph, xq_rerun)
     assert relative_error([model(x)], [adaround.quantize(model, x, cfg)(x)]) < 0.2
+
+
+def test_a_graph_that_computes_otherwise_than_eager_is_not_used(caplog) -> None:  # type: ignore[no-untyped-def]
+    from adaround.reconstruct.stream import RerunEngine, make_engine
+
+    model, x = TracesDifferently().eval(), _images(32)
+    with caplog.at_level(logging.WARNING):
+        engine = make_engine(model, model, list(x.split(16)), ["conv", "head"])
+    assert isinstance(engine, RerunEngine)
+    assert "computes other outputs than its forward" in caplog.text

@@ -20,6 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from adaround.equivalence import (
+    CHECK_SAMPLES,
+    TOLERANCE,
+    flatten_tensors,
+    relative_error,
+    run_outputs,
+)
 from adaround.nn.quant_layer import QUANTIZABLE, QuantLayer
 from adaround.reconstruct.block_data import (
     UnitInputs,
@@ -242,6 +249,21 @@ def _through_wrappers(graph: fx.Graph, traced: nn.Module) -> None:
         node.target = ".".join(kept)
 
 
+def _graph_matches_eager(graph: fx.Graph, fp: nn.Module, sample: Tensor,
+                         constants: dict[str, Tensor]) -> bool:
+    """The traced graph, run on the FP network, gives the eager forward's outputs: fx bakes
+    whatever it cannot trace through into constants, which would make every layer's data
+    wrong without a sign."""
+    stream = Stream(graph, fp, [sample], constants=constants)
+    try:
+        stream.run_until(len(stream.nodes))
+        traced = flatten_tensors(stream.envs[0][stream.nodes[-1]])
+    except Exception as exc:  # noqa: BLE001 - any failure: use the eager path
+        log.info("the torch.fx graph does not run (%s: %s)", type(exc).__name__, exc)
+        return False
+    return relative_error(run_outputs(fp, sample), traced) <= TOLERANCE
+
+
 def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
                 names: list[str], store: SpillStore | None = None,
                 blocks: frozenset[str] = frozenset()) -> GraphEngine | RerunEngine:
@@ -254,8 +276,14 @@ def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
                  type(qmodel).__name__, type(exc).__name__, str(exc).splitlines()[0][:120])
         return RerunEngine(fp, qmodel, chunks)
     _through_wrappers(graph, qmodel)
+    constants = _take_constants(graph, qmodel)
+    if not _graph_matches_eager(graph, fp, chunks[0][:CHECK_SAMPLES], constants):
+        log.warning("the torch.fx graph of %s computes other outputs than its forward (code "
+                    "that fx records as constants); re-running the network for each layer",
+                    type(qmodel).__name__)
+        return RerunEngine(fp, qmodel, chunks)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    engine = GraphEngine(graph, fp, qmodel, chunks, store, _take_constants(graph, qmodel))
+    engine = GraphEngine(graph, fp, qmodel, chunks, store, constants)
     order = [engine.position.get(name, -1) for name in names]
     extra_inputs = any(not p.args for p in placeholders[1:])
     if extra_inputs or min(order, default=0) < 0 or order != sorted(order):
