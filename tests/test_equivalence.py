@@ -242,3 +242,9 @@ def test_a_graph_that_computes_otherwise_than_eager_is_not_used(caplog) -> None:
         engine = make_engine(model, model, list(x.split(16)), ["conv", "head"])
     assert isinstance(engine, RerunEngine)
     assert "computes other outputs than its forward" in caplog.text
+
+
+def test_a_list_of_single_samples_gets_the_fix() -> None:
+    samples = list(_images(8))  # [3, 12, 12] each: concatenated to [24, 12, 12]
+    with pytest.raises(adaround.AdaRoundError, match=r"torch.stack"):
+        adaround.quantize(WeightReader().eval(), samples, W8)

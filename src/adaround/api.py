@@ -55,15 +55,20 @@ META_ATTR = "adaround_meta"
 REPORT_ATTR = "adaround_report"
 
 
+def _rejected(x: Tensor, exc: Exception) -> CalibrationDataError:
+    """The model's own error on calibration inputs, re-raised with the input that caused it."""
+    return CalibrationDataError(
+        f"the model rejected calibration inputs of shape {tuple(x.shape)} "
+        f"({type(exc).__name__}: {exc}); pass inputs shaped [samples, ...] and preprocessed "
+        "as the model expects them (a list of single samples is concatenated: stack it with "
+        "torch.stack; several inputs: batches of tuples or dicts)")
+
+
 def _trace(model: nn.Module, x: Tensor) -> Trace:
     try:
         return trace_model(model, x[:2])
-    except Exception as exc:  # the model's own error, re-raised with the input that caused it
-        raise CalibrationDataError(
-            f"the model rejected calibration inputs of shape {tuple(x[:2].shape)} "
-            f"({type(exc).__name__}: {exc}); pass inputs shaped and preprocessed as the model "
-            "expects them"
-        ) from exc
+    except Exception as exc:
+        raise _rejected(x[:2], exc) from exc
 
 
 def prepare_float(model: nn.Module, x: Tensor, cfg: QuantConfig) -> tuple[nn.Module, Trace, dict]:
@@ -132,12 +137,8 @@ def float_copy(model: nn.Module) -> nn.Module:
 def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     try:
         return run_outputs(model, x)
-    except Exception as exc:  # the model's own error, re-raised with the input that caused it
-        raise CalibrationDataError(
-            f"the model rejected calibration inputs of shape {tuple(x.shape)} "
-            f"({type(exc).__name__}: {exc}); pass inputs shaped and preprocessed as the model "
-            "expects them"
-        ) from exc
+    except Exception as exc:
+        raise _rejected(x, exc) from exc
 
 
 def check_wrapped(fp: nn.Module, qmodel: nn.Module, x: Tensor) -> None:
