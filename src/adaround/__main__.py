@@ -2,6 +2,9 @@
 
 import sys
 
-from adaround.cli import main
+try:  # importing torch takes seconds: Ctrl-C then ends without a traceback
+    from adaround.cli import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 sys.exit(main())

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
+from adaround.checks import check_config, check_model
 from adaround.config import QuantConfig, short_run_note
 from adaround.errors import CalibrationDataError
 from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
@@ -75,7 +76,8 @@ def quantize(
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
         >>> qnet = quantize(net, torch.randn(64, 3, 6, 6), cfg)
     """
-    cfg = config or QuantConfig()
+    cfg = check_config(config)
+    check_model(model)
     if (note := short_run_note(cfg)) is not None:
         log.warning("%s", note)
     check_finite_weights(model)

@@ -1,6 +1,7 @@
 """`adaround` command line: quantize, evaluate, demo, analyze. Thin: arguments -> config -> API.
 
-Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted.
+Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ from torch import Tensor, nn
 
 from adaround.allocator import keep_freed_memory
 from adaround.cli_act import act_config_kwargs, add_act_options
+from adaround.cli_checks import (
+    EXIT_TERMINATED,
+    Terminated,
+    UsageError,
+    call_factory,
+    check_args,
+    sigterm_as_interrupt,
+)
 from adaround.config import QuantConfig
 from adaround.errors import AdaRoundError
 from adaround.hf.cli import add_hf_options
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 log = logging.getLogger("adaround")
-
-
-class UsageError(AdaRoundError):
-    """A command-line argument that cannot be used as given."""
 
 
 def load_model(ref: str, weights: str | None) -> nn.Module:
@@ -44,7 +49,7 @@ def load_model(ref: str, weights: str | None) -> nn.Module:
     except AttributeError as exc:
         raise UsageError(f"{module_name} has no attribute {attr!r}: check the model reference")\
             from exc
-    model = factory() if callable(factory) else factory
+    model = call_factory(factory, ref)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{ref} gave a {type(model).__name__}, not a torch.nn.Module")
     if weights:
@@ -187,7 +192,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             name = f"{a.model}_{a.layer or 'model'}_w{a.bits}.png".replace("/", "_")
             print(f"plot -> {plot_qubo_vs_accuracy(a, Path(args.plot_dir) / name)}")
     if args.json:
-        Path(args.json).write_text(json.dumps([a.to_dict() for a in ablations], indent=1))
+        from adaround.io import atomic_write
+
+        text = json.dumps([a.to_dict() for a in ablations], indent=1)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return EXIT_OK
 
 
@@ -369,12 +377,16 @@ def _terminal_logging(quiet: bool) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with _terminal_logging(args.quiet):
+    try:  # Ctrl-C while starting up ends as quietly as during a run
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        keep_freed_memory()
+        if args.threads and args.threads > 0:  # below 1: refused by check_args
+            torch.set_num_threads(args.threads)
+    except KeyboardInterrupt:
+        print("adaround: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    with sigterm_as_interrupt(), _terminal_logging(args.quiet):
         return _run(args)
 
 
@@ -383,6 +395,7 @@ def _run(args: argparse.Namespace) -> int:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[log]):
+            check_args(args)
             return int(args.func(args))
     except (AdaRoundError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"adaround: error: {exc}", file=sys.stderr)
@@ -390,6 +403,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("adaround: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("adaround: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as exc:  # a bug: keep the traceback for the report
         log.exception("internal error: %s", exc)
         return EXIT_INTERNAL

@@ -38,6 +38,7 @@ settings (see adaround.act_config); the options left unset take the method's val
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -66,6 +67,9 @@ def short_run_note(cfg: QuantConfig) -> str | None:
             "or run more iterations")
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+
 def _check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -82,7 +86,10 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} is not a finite number: pass a finite value "
+                          f"{'>= 0' if allow_zero else '> 0'} (the default is the paper's)")
+    if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
@@ -152,7 +159,7 @@ class QuantConfig:
             _check_positive("memory_budget_mb", self.memory_budget_mb)
         _check_int_range("iters", self.iters, 1)
         _check_int_range("batch_size", self.batch_size, 1)
-        _check_int_range("seed", self.seed, 0)
+        _check_int_range("seed", self.seed, 0, SEED_MAX)
         _check_positive("lr", self.lr)
         _check_positive("reg_weight", self.reg_weight, allow_zero=True)
         _check_positive("beta_start", self.beta_start)
@@ -162,6 +169,7 @@ class QuantConfig:
                 f"beta_end={self.beta_end} exceeds beta_start={self.beta_start}: beta is "
                 "annealed from high to low, swap the two values"
             )
+        _check_positive("warm_start", self.warm_start, allow_zero=True)
         if not 0.0 <= self.warm_start < 1.0:
             raise ConfigError(f"warm_start={self.warm_start} must be in [0, 1)")
         for name in ("per_channel", "symmetric", "loss_after_activation", "early_stop", "compile",
