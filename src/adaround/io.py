@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from adaround.calibration import model_device
 from adaround.checks import check_model, check_path
 from adaround.config import QuantConfig
 from adaround.errors import SaveFileError
+from adaround.leftovers import sweep, tagged
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, apply_folds, swap_in_quant_layers
 
@@ -33,6 +35,7 @@ FORMAT = "adaround-quantized"
 FORMAT_VERSION = 2
 HEADER_KEY = "adaround"
 _PIP = "pip install 'adaround[export]'"
+_UMASK_LOCK = threading.Lock()
 
 
 def _float_weight_keys(qmodel: nn.Module) -> set[str]:
@@ -43,14 +46,34 @@ def _key(module_name: str, leaf: str) -> str:
     return f"{module_name}.{leaf}" if module_name else leaf
 
 
+def _file_mode(target: Path) -> int:
+    """The mode a new file would get from open(): 0666 less the umask; an existing file keeps
+    its own (mkstemp's 0600 would otherwise end up on every output)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        pass
+    with _UMASK_LOCK:  # reading the umask means setting it: keep that window private
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: never a half-written file at `path`."""
-    target = Path(path)
+    """Call `write(tmp_path)`, then rename onto `path`: never a half-written file at `path`.
+
+    A symlink at `path` is written through (its target is replaced, the link stays); the file
+    gets the mode open() would give it; `.tmp` files that killed runs left beside it go first.
+    """
+    target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    prefix = f".{target.name}."
+    sweep(target.parent, prefix, ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=tagged(prefix), suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode(target))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
