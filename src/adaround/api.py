@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from typing import Any
 
@@ -14,9 +15,11 @@ from tqdm.auto import tqdm
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
+from adaround.checkpoint import Checkpoint
 from adaround.checks import check_config, check_model
 from adaround.config import QuantConfig, short_run_note
 from adaround.errors import CalibrationDataError
+from adaround.guards import check_finite, check_input_scale, check_result, open_checkpoint
 from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
@@ -63,13 +66,18 @@ def prepare_float(model: nn.Module, x: Tensor, cfg: QuantConfig) -> tuple[nn.Mod
 
 
 def quantize(
-    model: nn.Module, calib: Any, config: QuantConfig | None = None, *, progress: bool = False
+    model: nn.Module, calib: Any, config: QuantConfig | None = None, *, progress: bool = False,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Quantize `model`'s weights with AdaRound (or nearest rounding) and return a new module.
 
     With `config.act_bits`, every quantized layer's input is fake-quantized too, and the
     reconstruction unit (layer or block), QDrop and learned activation steps follow the config
     (BRECQ and QDrop are `method="brecq"` / `"qdrop"`).
+
+    `checkpoint_dir`: after each layer or block, the progress goes there; a run killed and
+    started again with the same arguments continues where it stopped, with the same result
+    (adaround.checkpoint). Other model, data or options in the folder are refused.
 
     Example:
         >>> cfg = QuantConfig(weight_bits=4, iters=10)
@@ -88,6 +96,8 @@ def quantize(
             f"calibration data has {x.shape[0]} samples, fewer than batch_size={cfg.batch_size}: "
             "pass more samples (hundreds) or lower batch_size"
         )
+    check_input_scale(x)
+    checkpoint = open_checkpoint(checkpoint_dir, model, x, cfg)
     fp, trace, folded = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
     qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
@@ -95,9 +105,9 @@ def quantize(
         calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)
         log.info("%s", describe_convention(cfg, trace.names()))
     if cfg.rounding == "adaround" and uses_unit_loop(cfg):  # blocks, QDrop, learned steps
-        report = round_units(fp, qmodel, trace, plans, x, cfg, progress)
+        report = round_units(fp, qmodel, trace, plans, x, cfg, progress, checkpoint)
     else:
-        report = _round_layers(fp, qmodel, plans, x, cfg, progress)
+        report = _round_layers(fp, qmodel, plans, x, cfg, progress, checkpoint)
     qmodel.eval()
     setattr(qmodel, META_ATTR, {
         "config": cfg.to_dict(),
@@ -157,6 +167,7 @@ def _round_layers(
     x: Tensor,
     cfg: QuantConfig,
     progress: bool,
+    checkpoint: Checkpoint,
 ) -> list[LayerResult]:
     if cfg.rounding == "nearest":
         _round_to_nearest(qmodel, plans)
@@ -166,25 +177,29 @@ def _round_layers(
         # inputs="float": both streams are the FP network, and the layers are independent
         source = fp if cfg.inputs == "float" else qmodel
         engine = make_engine(fp, source, list(x.split(FORWARD_BATCH)), names, store)
-        return _reconstruct_each(engine, qmodel, plans, cfg, progress)
+        return _reconstruct_each(engine, qmodel, plans, cfg, progress, checkpoint)
 
 
 def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
                       plans: list[LayerPlan], cfg: QuantConfig,
-                      progress: bool) -> list[LayerResult]:
+                      progress: bool, checkpoint: Checkpoint) -> list[LayerResult]:
     """AdaRound every planned layer in execution order (nearest where it cannot)."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    report: list[LayerResult] = []
+    report: list[LayerResult] = checkpoint.restore(qmodel, generator)
     stacked: list[tuple[str, QuantLayer, Moments]] = []
     for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):
         if plan.info is None or not plan.reconstructable:
             _round_to_nearest(qmodel, [plan])
+            continue
+        if plan.name in checkpoint.done:
             continue
         start = time.perf_counter()
         activation = plan.info.activation if cfg.loss_after_activation else None
         qlayer = qmodel.get_submodule(plan.name)
         xq, target = engine.layer_data(plan.name, activation)
         xq = quantize_layer_input(qlayer, xq)  # x^ includes the layer's activation grid
+        check_finite(plan.name, "inputs", xq)
+        check_finite(plan.name, "FP outputs (targets)", target)
         moments = _layer_moments(engine, plan.name, qlayer, xq, cfg)
         if cfg.inputs == "float" and moments is not None and cfg.loss in ("auto", "quadratic"):
             stacked.append((plan.name, qlayer, moments))  # rounded below, with its likes
@@ -192,13 +207,19 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
         result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                 progress, start, moments)
         del xq, target, moments
+        check_result(result.name, result.loss_nearest, result.loss_adaround)
         report.append(result)
+        checkpoint.record([plan.name], qmodel, generator, report)
         _log_layer(result, plan, qlayer, cfg, activation is not None)
     by_name = {p.name: p for p in plans}
-    for result in round_stacked(stacked, cfg, progress):
+    stacked_results = round_stacked(stacked, cfg, progress)
+    for result in stacked_results:
+        check_result(result.name, result.loss_nearest, result.loss_adaround)
         report.append(result)
         qlayer = qmodel.get_submodule(result.name)
         _log_layer(result, by_name[result.name], qlayer, cfg, False)
+    if stacked_results:
+        checkpoint.record([r.name for r in stacked_results], qmodel, generator, report)
     order = {p.name: i for i, p in enumerate(plans)}
     return sorted(report, key=lambda r: order[r.name])
 

@@ -104,6 +104,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         if args.model:
             raise UsageError("pass either a model reference or --hf-model, not both")
+        if args.checkpoint:
+            raise UsageError("--checkpoint is not supported with --hf-model yet: drop it")
         return quantize_hf_from_args(args, cfg)
     if not args.model or not args.calib:
         raise UsageError("quantize needs a model reference and --calib (or --hf-model FOLDER "
@@ -112,8 +114,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib, _ = load_data(args, args.calib, args.num_calib, args.calib_offset)
     log.info("calibrating on %d samples of shape %s; %s", len(calib), tuple(calib.shape[1:]), cfg)
     start = time.perf_counter()
-    qmodel = adaround.quantize(model, calib, cfg, progress=not args.quiet)
+    qmodel = adaround.quantize(model, calib, cfg, progress=not args.quiet,
+                               checkpoint_dir=args.checkpoint)
     adaround.save(qmodel, args.output)
+    if args.checkpoint:  # the output is safe: the progress file has served
+        from adaround.checkpoint import remove
+
+        remove(args.checkpoint)
     print(f"quantized {len(qmodel.adaround_meta['layers'])} layers in "
           f"{time.perf_counter() - start:.1f}s -> {args.output}")
     if cfg.act_bits is not None:
@@ -295,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "large layers and long runs)")
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
+    q.add_argument("--checkpoint", metavar="DIR", help="save the progress here after each "
+                   "layer or block; run the same command again to resume an interrupted run "
+                   "(removed once the output is written)")
     add_act_options(q)
     _add_data_options(q)
     add_hf_options(q)
