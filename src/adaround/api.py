@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from adaround import input_stats
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import check_finite_weights, collect_calibration, model_device
@@ -114,6 +115,7 @@ def quantize(
         "folded": folded,
         "layers": {p.name: p.bits for p in plans},
         "act_quant": act_quant_spec(qmodel),  # {layer: {bits, signed}}; scales in the state
+        input_stats.KEY: input_stats.describe(x),  # for evaluate's warnings
     })
     setattr(qmodel, REPORT_ATTR, report)
     return qmodel

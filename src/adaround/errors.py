@@ -37,3 +37,7 @@ class CheckpointError(AdaRoundError):
 
 class NumericalError(AdaRoundError):
     """Activations or losses became NaN/Inf during reconstruction."""
+
+
+class EvaluationError(AdaRoundError):
+    """Evaluation data the model cannot be scored on (labels out of range, wrong shape)."""
