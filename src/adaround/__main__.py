@@ -2,9 +2,16 @@
 
 import sys
 
-try:  # importing torch takes seconds: Ctrl-C then ends without a traceback
-    from adaround.cli import main
-except KeyboardInterrupt:
-    sys.exit(130)
 
-sys.exit(main())
+def run() -> int:
+    """The `adaround` command: Ctrl-C while torch is still importing ends quietly (130)."""
+    try:
+        from adaround.cli import main
+    except KeyboardInterrupt:
+        print("adaround: interrupted", file=sys.stderr)
+        return 130
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())
