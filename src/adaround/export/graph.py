@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TORCH_OPSET = 20  # the TorchScript exporter's newest opset; the graph is then marked 21
 ONNX_OPSET = 21  # INT4/UINT4 DequantizeLinear and QuantizeLinear
+IR_VERSION = 10  # opset 21 and the INT4/UINT4 types need IR version 10
 _PIP = "pip install 'adaround[export]'"
 
 
@@ -121,6 +122,7 @@ def export_float_graph(model: nn.Module, example_input: Tensor | tuple[Tensor, .
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = ONNX_OPSET  # ops used by the exporter are unchanged from 20 to 21
+    proto.ir_version = IR_VERSION  # the exporter writes 9, which strict consumers refuse
     return proto
 
 
