@@ -17,7 +17,7 @@ from adaround.errors import (
     ModelError,
     SaveFileError,
 )
-from adaround.export import export_encodings, export_onnx, read_encodings
+from adaround.export import export_aimet, export_encodings, export_onnx, read_encodings
 from adaround.io import load, save
 from adaround.nn.quant_layer import QuantLayer
 
@@ -33,6 +33,7 @@ __all__ = [
     "QuantLayer",
     "SaveFileError",
     "__version__",
+    "export_aimet",
     "export_encodings",
     "export_onnx",
     "load",

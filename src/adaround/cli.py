@@ -207,9 +207,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     import adaround
 
     shape = _shape(args.input_shape)
-    if shape is None and args.format == "onnx":
-        raise UsageError("--format onnx needs --input-shape (one sample, without the batch "
-                         "dimension, e.g. 3,32,32)")
+    if shape is None and args.format in ("onnx", "aimet"):
+        raise UsageError(f"--format {args.format} needs --input-shape (one sample, without "
+                         "the batch dimension, e.g. 3,32,32)")
     example = None if shape is None else torch.randn((1, *shape),
                                                      generator=torch.Generator().manual_seed(0))
     qmodel = adaround.load(args.quantized, load_model(args.model, args.weights))
@@ -217,6 +217,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         adaround.export_onnx(qmodel, example, args.output)
     elif args.format == "packed":
         adaround.save(qmodel, args.output)
+    elif args.format == "aimet":
+        return _export_aimet(qmodel, example, args)
     else:
         adaround.export_encodings(qmodel, args.output, example)
         if args.float_onnx:
@@ -225,6 +227,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             adaround.export_onnx(qmodel, example, args.float_onnx, qdq=False)
             print(f"float graph -> {args.float_onnx}")
     print(f"{args.format} -> {args.output} ({Path(args.output).stat().st_size} bytes)")
+    return EXIT_OK
+
+
+def _export_aimet(qmodel: nn.Module, example: Tensor, args: argparse.Namespace) -> int:
+    import adaround
+
+    paths = adaround.export_aimet(qmodel, example, args.output, prefix=args.prefix,
+                                  encoding_version=args.encoding_version)
+    for kind, path in paths.items():
+        print(f"aimet {kind} -> {path} ({path.stat().st_size} bytes)")
     return EXIT_OK
 
 
@@ -335,10 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "file or an encodings JSON")
     _add_model_options(x)
     x.add_argument("--quantized", required=True, help="file written by `adaround quantize`")
-    x.add_argument("--format", required=True, choices=["onnx", "packed", "encodings"],
+    x.add_argument("--format", required=True,
+                   choices=["onnx", "packed", "encodings", "aimet"],
                    help="onnx: QDQ graph with INT4/INT8 weights; packed: adaround.save's file; "
-                   "encodings: AIMET/Qualcomm encodings JSON for the float ONNX graph")
-    x.add_argument("--output", "-o", required=True, help="where to write it")
+                   "encodings: AIMET/Qualcomm encodings JSON for the float ONNX graph; aimet: "
+                   "a folder with what aimet-torch's QuantizationSimModel loads "
+                   "(docs/aimet.md)")
+    x.add_argument("--output", "-o", required=True,
+                   help="where to write it (--format aimet: a folder)")
+    x.add_argument("--prefix", default="model", help="aimet: file name stem (model)")
+    x.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0",
+                   help="aimet: format of <prefix>.encodings (1.0.0, aimet-torch's current)")
     x.add_argument("--input-shape", help="one input without the batch dimension, e.g. "
                    "3,32,32 (needed for onnx, and to name tensors in encodings)")
     x.add_argument("--float-onnx", help="encodings: also write the float graph they name here")

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from adaround.errors import ExportError
-from adaround.export.aimet_grid import legacy_entries, raise_small_scales, v1_entry
+from adaround.export.aimet_grid import aimet_ready, legacy_entries, v1_entry
 from adaround.export.encodings import encodings_dict
 from adaround.export.graph import float_twin, quant_layers, require_onnx
 from adaround.export.onnx_qdq import act_qparams, build_onnx, enabled_act_quant
@@ -163,7 +163,7 @@ def export_aimet(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...],
     if not prefix or "/" in prefix or os.sep in prefix:
         raise ExportError(f"prefix={prefix!r} must be a plain file name stem, e.g. 'model'")
     model = copy.deepcopy(qmodel).eval()
-    raise_small_scales(model)
+    aimet_ready(model)
     out = Path(directory)
     paths = {
         "pth": out / f"{prefix}.pth",

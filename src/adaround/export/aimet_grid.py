@@ -30,9 +30,11 @@ _SEARCH_ULPS = 64
 _LO_ULPS = 16
 
 
-def exact_range(scale: float, offset: int, bits: int) -> tuple[float, float]:
-    """float32 (min, max) from which AIMET's float32 arithmetic recomputes `scale` exactly
-    (and, for an asymmetric grid, `offset` as round(min / scale))."""
+def exact_range(scale: float, offset: int, bits: int) -> tuple[float, float, float]:
+    """float32 (min, max) from which AIMET's float32 arithmetic recomputes `scale` (and, for
+    an asymmetric grid, `offset` as round(min / scale)), and the scale AIMET reads: `scale`
+    itself, or for the few scales that no float32 pair gives back, the nearest one that does
+    (an ulp or two away)."""
     s = np.float32(scale)
     steps = np.float32(2**bits - 1)
     lo0 = np.float32(np.float64(offset) * np.float64(s))
@@ -41,15 +43,18 @@ def exact_range(scale: float, offset: int, bits: int) -> tuple[float, float]:
     ulps = ulps[np.argsort(np.abs(ulps), kind="stable")]  # nearest candidates first
     his = _step(hi0, ulps)
     los = _step(lo0, ulps[: 2 * _LO_ULPS + 1]) if lo0 != 0 else np.array([lo0])
+    best = (np.inf, float(lo0), float(hi0), float(s))
     with np.errstate(all="ignore"):
         for lo in los:  # float32 subtraction and division, as torch does them
             back = (his - lo) / steps
-            good = np.nonzero((back == s) & (np.round(lo / back) == offset))[0]
-            if good.size:
-                return float(lo), float(his[good[0]])
-    log.debug("no float32 range reproduces scale %r exactly in AIMET; it reads a scale "
-              "within an ulp or two", float(s))
-    return float(lo0), float(hi0)
+            valid = (np.round(lo / back) == offset) & (back > 0)
+            error = np.where(valid, np.abs(back.astype(np.float64) - np.float64(s)), np.inf)
+            i = int(np.argmin(error))
+            if error[i] == 0:
+                return float(lo), float(his[i]), float(s)
+            if error[i] < best[0]:
+                best = (error[i], float(lo), float(his[i]), float(back[i]))
+    return best[1], best[2], best[3]
 
 
 def _step(value: np.float32, ulps: np.ndarray) -> np.ndarray:
@@ -64,9 +69,9 @@ def legacy_entries(bits: int, symmetric: bool, scales: np.ndarray, offsets: np.n
     """Encodings in the 0.6.1 entry layout, with min/max that AIMET reads back exactly."""
     out = []
     for s, o in zip(scales.astype(np.float32), offsets):
-        lo, hi = exact_range(float(s), int(o), bits)
+        lo, hi, read = exact_range(float(s), int(o), bits)
         out.append({"bitwidth": bits, "dtype": "int", "is_symmetric": str(symmetric),
-                    "max": hi, "min": lo, "offset": int(o), "scale": float(s)})
+                    "max": hi, "min": lo, "offset": int(o), "scale": read})
     return out
 
 
@@ -80,6 +85,33 @@ def v1_entry(name: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
         "scale": [float(e["scale"]) for e in entries],
         "offset": [int(e["offset"]) for e in entries],
     }
+
+
+@torch.no_grad()
+def aimet_ready(qmodel: nn.Module) -> None:
+    """Make every grid of `qmodel` (in place) one that AIMET reads exactly: scales below its
+    minimum raised, the rest moved (by an ulp or two, where needed) to a value that AIMET's
+    min/max arithmetic gives back; the weights are then codes times those scales."""
+    raise_small_scales(qmodel)
+    moved = 0
+    for module in qmodel.modules():
+        if isinstance(module, QuantLayer):
+            flat = module.scale.view(-1)
+            zero = module.zero_point.reshape(-1)
+            for i in range(flat.numel()):
+                offset = -(2 ** (module.bits - 1)) if module.symmetric else -int(zero[i])
+                read = exact_range(float(flat[i]), offset, module.bits)[2]
+                moved += read != float(flat[i])
+                flat[i] = read
+        act = getattr(module, "act_quant", None)
+        if act is not None:
+            offset = -(2 ** (act.bits - 1)) if act.signed else 0
+            read = exact_range(float(act.scale), offset, act.bits)[2]
+            moved += read != float(act.scale)
+            act.scale.fill_(read)
+    if moved:
+        log.info("%d scale(s) moved by an ulp or two to values that AIMET's float32 min/max "
+                 "arithmetic reproduces exactly", moved)
 
 
 @torch.no_grad()
