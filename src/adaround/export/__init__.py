@@ -7,6 +7,7 @@ The packed weight file is `adaround.save`/`adaround.load` (adaround.io); its bit
 
 from adaround.export.aimet import export_aimet
 from adaround.export.encodings import export_encodings, read_encodings
-from adaround.export.onnx_qdq import build_onnx, export_onnx
+from adaround.export.onnx_qdq import build_onnx, exact_session_options, export_onnx
 
-__all__ = ["build_onnx", "export_aimet", "export_encodings", "export_onnx", "read_encodings"]
+__all__ = ["build_onnx", "exact_session_options", "export_aimet", "export_encodings",
+           "export_onnx", "read_encodings"]
