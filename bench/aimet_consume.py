@@ -11,10 +11,10 @@ there, only the repo's ResNet-20 and data loaders are imported from src/):
 For every setting folder: the user's ResNet-20 (pretrained weights), aimet's `prepare_model`
 and `fold_all_batch_norms`, `load_state_dict(torch.load("model.pth"))` (strict),
 `QuantizationSimModel(model, dummy, config_file="model_quantsim_config.json")`,
-`sim.load_encodings("model_torch.encodings", strict=True, partial=False)`; then top-1 of the
-sim on the CIFAR-10 test set, the number of predictions that differ from adaround's
-(`logits.npy`) and the largest logit difference. One JSON line per setting on stdout.
-This loading code is the one docs/aimet.md shows.
+`sim.load_encodings("model_torch.encodings", strict=True, partial=False)`: the code block of
+docs/aimet.md, read from that page and run as it is. Then top-1 of the sim on the CIFAR-10
+test set, the number of predictions that differ from adaround's (`logits.npy`) and the largest
+logit difference. One JSON line per setting on stdout.
 """
 
 from __future__ import annotations
@@ -33,20 +33,22 @@ from aimet_adaround import default_data_root, load_cifar  # noqa: E402
 log = logging.getLogger("aimet_consume")
 
 
-def load_into_aimet(folder: Path, model, dummy):  # type: ignore[no-untyped-def]
-    """The loading code of docs/aimet.md: the user's model in, an aimet QuantSim out."""
-    import torch
-    from aimet_torch.batch_norm_fold import fold_all_batch_norms
-    from aimet_torch.model_preparer import prepare_model
-    from aimet_torch.quantsim import QuantizationSimModel
+DOC = Path(__file__).resolve().parents[1] / "docs" / "aimet.md"
 
-    model = prepare_model(model.eval())
-    fold_all_batch_norms(model, input_shapes=tuple(dummy.shape), dummy_input=dummy)
-    model.load_state_dict(torch.load(folder / "model.pth"))  # strict: every name matches
-    sim = QuantizationSimModel(model, dummy_input=dummy,
-                               config_file=str(folder / "model_quantsim_config.json"))
-    sim.load_encodings(str(folder / "model_torch.encodings"), strict=True, partial=False)
-    return sim
+
+def doc_snippet(heading: str = "## Load (aimet-torch side)") -> str:
+    """The first python block under `heading` in docs/aimet.md: the loading code users copy."""
+    text = DOC.read_text()
+    section = text[text.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+def load_into_aimet(folder: Path, model, dummy):  # type: ignore[no-untyped-def]
+    """Run docs/aimet.md's loading code on the user's model; returns its `sim`."""
+    scope = {"model": model, "dummy": dummy, "folder": str(folder)}
+    exec(compile(doc_snippet(), str(DOC), "exec"), scope)  # noqa: S102
+    return scope["sim"]
 
 
 def count_quantizers(sim) -> dict:  # type: ignore[no-untyped-def]
