@@ -137,3 +137,23 @@ def test_hugging_face_model_exports_with_named_dynamic_inputs(cfg: dict) -> None
         None, {k: v.numpy() for k, v in batch.items()})
     np.testing.assert_allclose(out[0], ref.last_hidden_state.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(out[1], ref.pooler_output.numpy(), atol=1e-4, rtol=0)
+
+
+def test_causal_lm_exports_its_logits_without_the_cache() -> None:
+    from adaround.hf import quantize_hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    batch = _batch(8, 10)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # no left padding
+    qmodel = quantize_hf(model, batch, QuantConfig(iters=20, per_channel=True))
+    proto = build_onnx(qmodel, {k: v[:2, :7] for k, v in batch.items()})
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    with torch.no_grad():
+        ref = qmodel(**batch).logits.numpy()
+    out = _session(proto, exact_session_options()).run(
+        None, {k: v.numpy() for k, v in batch.items()})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
