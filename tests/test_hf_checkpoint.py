@@ -108,3 +108,29 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                               QuantConfig(rounding="nearest"))
     with pytest.raises(adaround.ExportError, match="Hugging Face models"):
         save_compressed(plain, tmp_path / "y")
+
+
+def test_cli_writes_the_checkpoint_beside_the_packed_file(tmp_path: Path) -> None:
+    pytest.importorskip("compressed_tensors")
+    from adaround.cli import main
+
+    words = "the a cat dog sat on mat ran far away big small red blue".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                   "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    model = _tiny_bert()
+    model.save_pretrained(tmp_path / "fp")
+    tokenizer.save_pretrained(tmp_path / "fp")
+    (tmp_path / "calib.txt").write_text("the cat sat on the mat\na big red dog ran far away\n")
+    code = main(["-q", "quantize", "--hf-model", str(tmp_path / "fp"), "--calib-text",
+                 str(tmp_path / "calib.txt"), "--iters", "10", "--lr", "0.3", "--per-channel",
+                 "-o", str(tmp_path / "q.safetensors"), "--hf-compressed",
+                 str(tmp_path / "ct")])
+    assert code == 0
+    qmodel = adaround.load(tmp_path / "q.safetensors",
+                           transformers.AutoModel.from_pretrained(tmp_path / "fp"))
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "ct", local_files_only=True)
+    batch = tokenizer(["the big cat", "a dog sat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**batch).last_hidden_state,
+                           qmodel(**batch).last_hidden_state)
