@@ -186,9 +186,9 @@ def _log_estimate(cfg: AnalysisConfig, n_eval: int, seconds: float) -> None:
     evaluations = len(cfg.bits) * per_bits
     log.info("one evaluation on %d samples takes %.1f s; the ablation runs %d of them (%d "
              "bit width(s) x (%d stochastic roundings + 6 methods)): about %.0f min, plus the "
-             "Hessian, relaxation%s; --samples and --num-eval shorten it", n_eval, seconds,
-             evaluations, len(cfg.bits), cfg.samples, evaluations * seconds / 60,
-             " and all-layers runs" if cfg.all_layers else "")
+             "Hessian and the relaxation%s; --samples and --num-eval shorten it", n_eval,
+             seconds, evaluations, len(cfg.bits), cfg.samples, evaluations * seconds / 60,
+             " and the all-layers runs (--no-all-layers skips them)" if cfg.all_layers else "")
 
 
 def _ablate(bits: int, ctx: dict[str, Any]
