@@ -25,7 +25,7 @@ from adaround.errors import (  # no torch here: the errors import in millisecond
 if TYPE_CHECKING:
     from adaround.api import quantize
     from adaround.config import QuantConfig
-    from adaround.export import export_encodings, export_onnx, read_encodings
+    from adaround.export import export_aimet, export_encodings, export_onnx, read_encodings
     from adaround.io import load, save
     from adaround.nn.quant_layer import QuantLayer
 
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 # imported on first use: `import adaround` (and `python -m adaround`) does not import torch
 # until needed, so Ctrl-C while torch loads ends in the command line's handler, not a traceback
 _LAZY = {"quantize": "adaround.api", "QuantConfig": "adaround.config",
+         "export_aimet": "adaround.export",
          "export_encodings": "adaround.export", "export_onnx": "adaround.export",
          "read_encodings": "adaround.export", "load": "adaround.io", "save": "adaround.io",
          "QuantLayer": "adaround.nn.quant_layer"}
@@ -70,6 +71,7 @@ __all__ = [
     "QuantLayer",
     "SaveFileError",
     "__version__",
+    "export_aimet",
     "export_encodings",
     "export_onnx",
     "load",

@@ -1,4 +1,6 @@
-"""`adaround` command line: quantize, evaluate, demo, analyze. Thin: arguments -> config -> API.
+"""Post-training quantization of PyTorch networks with AdaRound: the `adaround` command.
+
+Each command turns its arguments into a config and calls the library's API.
 
 Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM).
@@ -28,6 +30,7 @@ from adaround.cli_checks import (
     check_args,
     sigterm_as_interrupt,
 )
+from adaround.cli_env import choose_threads
 from adaround.config import QuantConfig
 from adaround.errors import AdaRoundError
 from adaround.hf.cli import add_hf_options
@@ -179,7 +182,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         samples=args.samples, hessian=args.hessian, hessian_samples=args.hessian_samples,
         max_classes=args.max_classes, task_samples=args.task_samples, sweeps=args.sweeps,
         iters=args.iters, batch_size=args.batch_size, all_layers=not args.no_all_layers,
-        all_layers_iters=args.all_layers_iters, max_dense=args.max_dense, seed=args.seed)
+        all_layers_iters=args.all_layers_iters, max_dense=args.max_dense, seed=args.seed,
+        lr=args.lr)
     model = load_model(args.model, args.weights)
     calib, calib_y = _subset(*load_data(args, args.calib, None), args.num_calib, args.seed)
     x_eval, y_eval = _subset(*load_data(args, args.data, None), args.num_eval, args.seed + 1)
@@ -222,9 +226,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     import adaround
 
     shape = _shape(args.input_shape)
-    if shape is None and args.format == "onnx":
-        raise UsageError("--format onnx needs --input-shape (one sample, without the batch "
-                         "dimension, e.g. 3,32,32)")
+    if shape is None and args.format in ("onnx", "aimet"):
+        raise UsageError(f"--format {args.format} needs --input-shape (one sample, without "
+                         "the batch dimension, e.g. 3,32,32)")
     example = None if shape is None else torch.randn((1, *shape),
                                                      generator=torch.Generator().manual_seed(0))
     qmodel = adaround.load(args.quantized, load_model(args.model, args.weights))
@@ -232,6 +236,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         adaround.export_onnx(qmodel, example, args.output)
     elif args.format == "packed":
         adaround.save(qmodel, args.output)
+    elif args.format == "aimet":
+        return _export_aimet(qmodel, example, args)
     else:
         adaround.export_encodings(qmodel, args.output, example)
         if args.float_onnx:
@@ -240,6 +246,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             adaround.export_onnx(qmodel, example, args.float_onnx, qdq=False)
             print(f"float graph -> {args.float_onnx}")
     print(f"{args.format} -> {args.output} ({Path(args.output).stat().st_size} bytes)")
+    return EXIT_OK
+
+
+def _export_aimet(qmodel: nn.Module, example: Tensor, args: argparse.Namespace) -> int:
+    import adaround
+
+    paths = adaround.export_aimet(qmodel, example, args.output, prefix=args.prefix,
+                                  encoding_version=args.encoding_version)
+    for kind, path in paths.items():
+        print(f"aimet {kind} -> {path} ({path.stat().st_size} bytes)")
     return EXIT_OK
 
 
@@ -257,13 +273,17 @@ def _add_model_options(p: argparse.ArgumentParser, optional: bool = False) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaround", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="adaround", description=__doc__.splitlines()[0],
+                                     epilog="adaround COMMAND --help lists a command's options")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or logs")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores "
+                        "not busy with other work, from the load average; OMP_NUM_THREADS "
+                        "wins if set)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = QuantConfig()
 
-    q = sub.add_parser("quantize", help="quantize a model's weights and save the result")
+    q = sub.add_parser("quantize", help="quantize a model's weights (and activations) with "
+                       "AdaRound, BRECQ or QDrop and save the result")
     _add_model_options(q, optional=True)
     q.add_argument("--calib", help=".npz/.pt/.npy file or folder of images")
     q.add_argument("--num-calib", type=int, default=1024,
@@ -275,13 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, help="one scale per this many input weights of "
                    "an output channel (Linear layers; e.g. 32, 64, 128)")
     q.add_argument("--asymmetric", action="store_true", help="unsigned grid with zero point")
-    q.add_argument("--rounding", choices=["adaround", "nearest"], default=d.rounding)
+    q.add_argument("--rounding", choices=["adaround", "nearest"], default=d.rounding,
+                   help="adaround: learn each weight's rounding (default); nearest: round to "
+                   "the nearest grid point (the baseline, same grid)")
     q.add_argument("--iters", type=int, default=d.iters, help="iterations per layer (10000)")
-    q.add_argument("--batch-size", type=int, default=d.batch_size)
+    q.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"calibration samples per optimisation step ({d.batch_size})")
     q.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate for V (1e-3, "
                    "the paper's for 10000 iterations; about 3 / iters for short runs)")
-    q.add_argument("--seed", type=int, default=d.seed)
-    q.add_argument("--scale-method", choices=["mse", "minmax"], default=d.scale_method)
+    q.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of the batch draws and initialisation ({d.seed}): same seed, "
+                   "same result")
+    q.add_argument("--scale-method", choices=["mse", "minmax"], default=d.scale_method,
+                   help="weight grid: mse (default) searches the scale minimising the "
+                   "rounding error; minmax takes the largest weight")
     q.add_argument("--first-last-bits", type=int, help="keep first/last layer at these bits")
     q.add_argument("--include", action="append", default=[], help="module-name glob to include")
     q.add_argument("--exclude", action="append", default=[], help="module-name glob to skip")
@@ -338,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--task-samples", type=int, help="calibration samples for the task loss")
     a.add_argument("--sweeps", type=int, default=200, help="annealing sweeps of the QUBO solver")
     a.add_argument("--iters", type=int, default=2000, help="relaxation iterations")
+    a.add_argument("--lr", type=float, help="Adam's lr of the relaxation (1e-3; about "
+                   "3 / iters for short runs)")
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--no-all-layers", action="store_true", help="skip the all-layers runs")
     a.add_argument("--all-layers-iters", type=int, help="relaxation iterations per layer there")
@@ -350,25 +379,37 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
 
     x = sub.add_parser("export", help="write a quantized model as ONNX QDQ, a packed weight "
-                       "file or an encodings JSON")
+                       "file, an encodings JSON or the files AIMET loads")
     _add_model_options(x)
     x.add_argument("--quantized", required=True, help="file written by `adaround quantize`")
-    x.add_argument("--format", required=True, choices=["onnx", "packed", "encodings"],
+    x.add_argument("--format", required=True,
+                   choices=["onnx", "packed", "encodings", "aimet"],
                    help="onnx: QDQ graph with INT4/INT8 weights; packed: adaround.save's file; "
-                   "encodings: AIMET/Qualcomm encodings JSON for the float ONNX graph")
-    x.add_argument("--output", "-o", required=True, help="where to write it")
+                   "encodings: AIMET/Qualcomm encodings JSON for the float ONNX graph; aimet: "
+                   "a folder with what aimet-torch's QuantizationSimModel loads "
+                   "(docs/aimet.md)")
+    x.add_argument("--output", "-o", required=True,
+                   help="where to write it (--format aimet: a folder)")
+    x.add_argument("--prefix", default="model", help="aimet: file name stem (model)")
+    x.add_argument("--encoding-version", choices=["1.0.0", "0.6.1"], default="1.0.0",
+                   help="aimet: format of <prefix>.encodings (1.0.0, aimet-torch's current)")
     x.add_argument("--input-shape", help="one input without the batch dimension, e.g. "
                    "3,32,32 (needed for onnx, and to name tensors in encodings)")
     x.add_argument("--float-onnx", help="encodings: also write the float graph they name here")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", help="FP / nearest / AdaRound on Fashion-MNIST, offline")
-    m.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    m.add_argument("--bits", type=int, nargs="+", default=[4, 3],
+                   help="weight bit widths to compare, one row each (4 3)")
     m.add_argument("--iters", type=int, default=None, help="iterations per layer")
     m.add_argument("--num-calib", type=int, default=None, help="calibration images")
     m.add_argument("--lr", type=float, default=None, help="Adam's lr for V (3 / iters)")
     m.set_defaults(func=cmd_demo)
+    for command in (q, e, a, x, m):  # also accepted after the command: adaround quantize -q
+        command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars or logs")
     return parser
+
 
 
 @contextmanager
@@ -391,8 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         keep_freed_memory()
-        if args.threads and args.threads > 0:  # below 1: refused by check_args
-            torch.set_num_threads(args.threads)
+        # below 1: refused by check_args; unset: chosen from the machine's load
+        threads = args.threads if args.threads and args.threads > 0 else choose_threads()
+        if threads:
+            torch.set_num_threads(threads)
     except KeyboardInterrupt:
         print("adaround: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -122,7 +122,7 @@ def accuracy(
         for k in ks:
             correct[k] += int(hit[:, :k].any(dim=1).sum())
     result = {k: 100.0 * correct[k] / len(x) for k in ks}
-    logger.info(
+    logger.debug(  # callers report the result (the CLI prints it once)
         "accuracy on %d samples: %s",
         len(x),
         ", ".join(f"top-{k} {v:.2f}%" for k, v in result.items()),

@@ -34,6 +34,7 @@ class AnalysisConfig:
     task_samples: int | None = None  # calibration samples for the task loss (None: all)
     sweeps: int = 200  # simulated-annealing sweeps of the QUBO solver
     iters: int = 2000  # relaxation iterations per layer
+    lr: float | None = None  # Adam's lr for the relaxation (None: the core's 1e-3)
     batch_size: int = 32
     eval_batch_size: int = 32  # forward batches when scoring (small ones stay in cache)
     all_layers: bool = True  # also quantize every layer with local MSE and the relaxation
@@ -58,6 +59,8 @@ class AnalysisConfig:
         _check_int_range("sweeps", self.sweeps, 0)
         _check_int_range("all_layers_sweeps", self.all_layers_sweeps, 0)
         _check_int_range("iters", self.iters, 1)
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr={self.lr!r} must be a positive number (or None for 1e-3)")
         _check_int_range("batch_size", self.batch_size, 1)
         _check_int_range("eval_batch_size", self.eval_batch_size, 1)
         _check_int_range("max_dense", self.max_dense, 1)
@@ -70,9 +73,10 @@ class AnalysisConfig:
 
     def quant_config(self, bits: int, iters: int | None = None) -> QuantConfig:
         """The core's settings for one bit width (grid, relaxation hyper-parameters)."""
+        extra = {} if self.lr is None else {"lr": float(self.lr)}
         return QuantConfig(weight_bits=bits, per_channel=self.per_channel,
                            iters=iters or self.iters, batch_size=self.batch_size,
-                           seed=self.seed)
+                           seed=self.seed, **extra)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -29,6 +29,7 @@ from adaround.analysis.report import Ablation, MethodResult
 from adaround.analysis.solvers import anneal, relaxation
 from adaround.api import prepare_float
 from adaround.calibration import check_finite_weights, collect_calibration
+from adaround.config import short_run_note
 from adaround.errors import CalibrationDataError, ConfigError, ModelError
 from adaround.evaluate import predictions
 from adaround.nn.quant_layer import QuantLayer
@@ -114,6 +115,8 @@ def analyze(
         >>> print(format_table(ablations[0]))  # doctest: +SKIP
     """
     cfg = config or AnalysisConfig()
+    if (note := short_run_note(cfg.quant_config(cfg.bits[0]))) is not None:
+        log.warning("relaxation: %s (--lr)", note)
     check_finite_weights(model)
     x = collect_calibration(calib)
     if calib_labels is not None and len(calib_labels) != len(x):
@@ -130,7 +133,9 @@ def analyze(
             "targets": None if labels is not None else soft_targets(
                 fp, x[:n_task], cfg.eval_batch_size),
             "batch": cfg.eval_batch_size}
+    start = time.perf_counter()
     fp_acc = top1(fp, x_eval, y_eval, cfg.eval_batch_size)
+    _log_estimate(cfg, len(x_eval), time.perf_counter() - start)
     fp_loss = task_loss(fp, data["x_task"], labels, data["targets"], cfg.eval_batch_size)
     log.info("%s: FP top-1 %.2f%%, task loss %.4g; analysing %s (%d weights)",
              name or type(model).__name__, fp_acc, fp_loss, plan.name, layer.weight.numel())
@@ -175,6 +180,17 @@ def analyze(
     return ablations
 
 
+def _log_estimate(cfg: AnalysisConfig, n_eval: int, seconds: float) -> None:
+    """The run is mostly evaluations: say how many, and how long they take, up front."""
+    per_bits = cfg.samples + 6  # stochastic samples, nearest, ceil, floor, 2 QUBOs, relaxation
+    evaluations = len(cfg.bits) * per_bits
+    log.info("one evaluation on %d samples takes %.1f s; the ablation runs %d of them (%d "
+             "bit width(s) x (%d stochastic roundings + 6 methods)): about %.0f min, plus the "
+             "Hessian and the relaxation%s; --samples and --num-eval shorten it", n_eval,
+             seconds, evaluations, len(cfg.bits), cfg.samples, evaluations * seconds / 60,
+             " and the all-layers runs (--no-all-layers skips them)" if cfg.all_layers else "")
+
+
 def _ablate(bits: int, ctx: dict[str, Any]
             ) -> tuple[dict[str, MethodResult], list[MethodResult], RoundingGrid]:
     """Every rounding method on the analysed layer at one bit width."""
@@ -198,6 +214,13 @@ def _ablate(bits: int, ctx: dict[str, Any]
         methods[key] = score(key, up, secs)
     up, secs = _timed(relaxation, qlayer, ctx["x_layer"], ctx["target"], None, qcfg, generator)
     methods["relaxation"] = score("relaxation", up, secs)
-    stochastic = [score("stochastic", up) for up in grid.stochastic(cfg.samples, generator)]
+    stochastic = []
+    start, every = time.perf_counter(), max(1, cfg.samples // 10)
+    for i, up in enumerate(grid.stochastic(cfg.samples, generator), 1):
+        stochastic.append(score("stochastic", up))
+        if i % every == 0 and i < cfg.samples:
+            spent = time.perf_counter() - start
+            log.info("W%d: %d of %d stochastic roundings scored, about %.0f s left", bits, i,
+                     cfg.samples, spent / i * (cfg.samples - i))
     methods["stochastic_best"] = min(stochastic, key=lambda r: r.task_loss)
     return methods, stochastic, grid

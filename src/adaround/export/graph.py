@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TORCH_OPSET = 20  # the TorchScript exporter's newest opset; the graph is then marked 21
 ONNX_OPSET = 21  # INT4/UINT4 DequantizeLinear and QuantizeLinear
+IR_VERSION = 10  # opset 21 and the INT4/UINT4 types need IR version 10
 _PIP = "pip install 'adaround[export]'"
 
 
@@ -85,11 +86,17 @@ def _dequantized_layer(qlayer: QuantLayer) -> nn.Module:
     return layer
 
 
-def as_inputs(example_input: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+ExampleInput = Tensor | tuple[Tensor, ...] | dict[str, Tensor]
+
+
+def as_inputs(example_input: ExampleInput) -> tuple[Tensor, ...]:
+    if isinstance(example_input, dict):
+        example_input = tuple(example_input.values())
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise ExportError("example_input must be a tensor or a tuple of tensors shaped like "
-                          "the model's inputs (e.g. torch.randn(1, 3, 32, 32))")
+        raise ExportError("example_input must be a tensor, a tuple of tensors or a dict of "
+                          "named tensors (e.g. a tokenizer's output) shaped like the model's "
+                          "inputs (e.g. torch.randn(1, 3, 32, 32))")
     return inputs
 
 
@@ -97,18 +104,64 @@ def _names(prefix: str, count: int) -> list[str]:
     return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
 
 
-def export_float_graph(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
+class _KeywordCall(nn.Module):
+    """Calls `model(**{name: tensor})` from positional tensors and returns its tensor outputs
+    as a flat tuple (a Hugging Face ModelOutput's fields in order; caches and Nones left out):
+    the exporter traces positional tensors only."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+        self.output_names: list[str] = []
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(**dict(zip(self.names, tensors)))
+        if isinstance(out, Tensor):
+            self.output_names = ["output"]
+            return (out,)
+        if hasattr(out, "items"):  # ModelOutput / dict
+            pairs = [(k, v) for k, v in out.items() if isinstance(v, Tensor)]
+        else:
+            pairs = [(f"output_{i}", v) for i, v in enumerate(out) if isinstance(v, Tensor)]
+        self.output_names = [k for k, _ in pairs]
+        return tuple(v for _, v in pairs)
+
+
+def _keyword_axes(inputs: dict[str, Tensor], outputs: tuple[Tensor, ...], names: list[str]
+                  ) -> dict[str, dict[int, str]]:
+    """Dynamic batch (dim 0) and sequence (dim 1 of 2-D inputs, and of outputs of 3 or more
+    dimensions whose dim 1 is the sequence length) axes."""
+    axes: dict[str, dict[int, str]] = {}
+    length = next((t.shape[1] for t in inputs.values() if t.dim() >= 2), None)
+    for name, t in inputs.items():
+        axes[name] = {0: "batch", 1: "sequence"} if t.dim() >= 2 else {0: "batch"}
+    for name, t in zip(names, outputs):
+        seq = t.dim() >= 3 and length is not None and t.shape[1] == length
+        axes[name] = {0: "batch", 1: "sequence"} if seq else {0: "batch"}
+    return axes
+
+
+def export_float_graph(model: nn.Module, example_input: ExampleInput,
                        dynamic_batch: bool = True) -> Any:
-    """ONNX ModelProto of `model` (float), inputs "input"/"input_i", outputs "output"/...."""
+    """ONNX ModelProto of `model` (float). Inputs "input"/"input_i", outputs "output"/...;
+    a dict `example_input` (a tokenizer's output) gives named inputs and outputs (the fields of
+    a Hugging Face ModelOutput), with dynamic batch and sequence axes."""
     onnx = require_onnx()
     inputs = as_inputs(example_input)
     buffer = io.BytesIO()
     try:
+        if isinstance(example_input, dict):
+            in_names = list(example_input)
+            model = _KeywordCall(model, in_names)
         with torch.no_grad():
             out = model(*inputs)
-        n_out = len(out) if isinstance(out, (tuple, list)) else 1
-        in_names, out_names = _names("input", len(inputs)), _names("output", n_out)
-        axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+        if isinstance(example_input, dict):
+            out_names = model.output_names
+            axes = _keyword_axes(example_input, out, out_names) if dynamic_batch else None
+        else:
+            n_out = len(out) if isinstance(out, (tuple, list)) else 1
+            in_names, out_names = _names("input", len(inputs)), _names("output", n_out)
+            axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=TORCH_OPSET,
@@ -121,6 +174,7 @@ def export_float_graph(model: nn.Module, example_input: Tensor | tuple[Tensor, .
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = ONNX_OPSET  # ops used by the exporter are unchanged from 20 to 21
+    proto.ir_version = IR_VERSION  # the exporter writes 9, which strict consumers refuse
     return proto
 
 
@@ -136,8 +190,10 @@ def executed_layers(qmodel: nn.Module, example_input: Any) -> set[str]:
                for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
     try:
         with torch.no_grad():
-            args = example_input if isinstance(example_input, tuple) else (example_input,)
-            qmodel(*args)
+            if isinstance(example_input, dict):  # Hugging Face models: keyword inputs
+                qmodel(**example_input)
+            else:
+                qmodel(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     finally:
         for handle in handles:
             handle.remove()

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor, nn
+from torch import nn
 
 from adaround.errors import ExportError
 from adaround.export.graph import (
+    ExampleInput,
     WeightSite,
     consumers,
     data_input,
@@ -40,6 +41,26 @@ from adaround.primitives import int_range
 
 log = logging.getLogger(__name__)
 
+WEIGHT_FORMS = ("qdq", "scaled")
+# onnxruntime fuses weight DequantizeLinear -> MatMul into MatMulNBits, whose default accuracy
+# level (4) quantizes the activations to int8; level 1 computes in float32.
+EXACT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
+def exact_session_options() -> Any:
+    """onnxruntime SessionOptions under which a weight-only QDQ export computes as the
+    simulated model (MatMulNBits in float32 instead of int8 activations).
+
+    Example:
+        >>> sess = onnxruntime.InferenceSession("m.onnx", exact_session_options())  # doctest: +SKIP
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for key, value in EXACT_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    return options
+
 
 def code_dtype(bits: int, signed: bool) -> Any:
     """The numpy dtype of `bits`-bit codes: ml_dtypes' int4/uint4 (ONNX INT4/UINT4) or 8-bit."""
@@ -50,28 +71,37 @@ def code_dtype(bits: int, signed: bool) -> Any:
     return np.int8 if signed else np.uint8
 
 
-def export_onnx(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...],
+def export_onnx(qmodel: nn.Module, example_input: ExampleInput,
                 path: str | os.PathLike[str], *, qdq: bool = True,
-                dynamic_batch: bool = True) -> Path:
-    """Write `qmodel` as an ONNX file (opset 21) that onnxruntime runs; returns the path.
+                dynamic_batch: bool = True, weight_form: str = "qdq") -> Path:
+    """Write `qmodel` as an ONNX file (opset 21, IR 10) that onnxruntime runs; returns the path.
 
     With `qdq=False` the weights stay float (their dequantized values) and no activation is
-    quantized: the graph that `export_encodings` describes.
+    quantized: the graph that `export_encodings` describes. `example_input` may be a dict of
+    named tensors (a tokenizer's output, for Hugging Face models): named graph inputs with
+    dynamic batch and sequence axes. `weight_form="scaled"` writes each weight as its codes ->
+    DequantizeLinear at scale 1 -> Mul by the scale: onnxruntime's default session then runs
+    MatMul/Gemm layers in float, as the simulated model does (with the default "qdq" form it
+    fuses DequantizeLinear -> MatMul into MatMulNBits, which quantizes the activations to
+    8 bits unless the session sets `exact_session_options()`; docs/onnxruntime.md).
 
     Example:
         >>> adaround.export_onnx(qmodel, torch.randn(1, 3, 32, 32), "model.onnx")  # doctest: +SKIP
     """
     onnx = require_onnx()
-    proto = build_onnx(qmodel, example_input, qdq=qdq, dynamic_batch=dynamic_batch)
+    proto = build_onnx(qmodel, example_input, qdq=qdq, dynamic_batch=dynamic_batch,
+                       weight_form=weight_form)
     atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
     log.info("wrote %s (%s)", path, "QDQ" if qdq else "float weights")
     return Path(path)
 
 
-def build_onnx(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...], *,
-               qdq: bool = True, dynamic_batch: bool = True) -> Any:
+def build_onnx(qmodel: nn.Module, example_input: ExampleInput, *,
+               qdq: bool = True, dynamic_batch: bool = True, weight_form: str = "qdq") -> Any:
     """The ONNX ModelProto that `export_onnx` writes."""
     onnx = require_onnx()
+    if weight_form not in WEIGHT_FORMS:
+        raise ExportError(f"weight_form={weight_form!r}: choose one of {', '.join(WEIGHT_FORMS)}")
     proto = export_float_graph(float_twin(qmodel), example_input, dynamic_batch)
     if not qdq:
         return proto
@@ -81,7 +111,7 @@ def build_onnx(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...], *,
     done: set[str] = set()
     for site in sites:
         if site.initializer not in done:  # identical weights may share one initializer
-            quantize_weight(proto, site)
+            quantize_weight(proto, site, weight_form)
             done.add(site.initializer)
     try:
         onnx.checker.check_model(proto)
@@ -99,8 +129,9 @@ def _initializer(proto: Any, name: str, array: np.ndarray) -> str:
     return name
 
 
-def quantize_weight(proto: Any, site: WeightSite) -> None:
-    """Replace the float weight initializer by integer codes -> DequantizeLinear."""
+def quantize_weight(proto: Any, site: WeightSite, weight_form: str = "qdq") -> None:
+    """Replace the float weight initializer by integer codes -> DequantizeLinear ("qdq"), or
+    by codes -> DequantizeLinear at scale 1 -> Mul by the scale ("scaled")."""
     from onnx import helper
 
     qlayer = site.qlayer
@@ -120,19 +151,33 @@ def quantize_weight(proto: Any, site: WeightSite) -> None:
         shape = scale.shape
         attrs = {"axis": 0 if site.transposed else 1, "block_size": qlayer.group_size}
     name = site.initializer
+    nodes = []
+    dq_out, dq_scale = name, scale.reshape(shape)
+    if weight_form == "scaled":  # DequantizeLinear at scale 1 (exact integers), then Mul
+        if qlayer.group_size is not None:
+            raise ExportError(f"weight_form='scaled' takes per-tensor and per-channel grids, "
+                              f"not groups of {qlayer.group_size}: use weight_form='qdq' with "
+                              "the session options of adaround.export.exact_session_options()")
+        broadcast = [1] * codes.ndim
+        if axis is not None:
+            broadcast[axis] = -1
+        step = _initializer(proto, f"{name}_step", scale.reshape(broadcast if shape else ()))
+        dq_out, dq_scale = f"{name}_integers", np.ones(shape, dtype=np.float32)
+        nodes.append(helper.make_node("Mul", [dq_out, step], [name], name=f"{name}_Mul"))
     inputs = [
         _initializer(proto, f"{name}_quantized", codes.astype(np_type)),
-        _initializer(proto, f"{name}_scale", scale.reshape(shape)),
+        _initializer(proto, f"{name}_scale", dq_scale),
     ]
     if not qlayer.symmetric:
         inputs.append(_initializer(proto, f"{name}_zero_point",
                                    zero_point.reshape(shape).astype(np_type)))
-    node = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear",
-                            **attrs)
+    nodes.insert(0, helper.make_node("DequantizeLinear", inputs, [dq_out],
+                                     name=f"{name}_DequantizeLinear", **attrs))
     kept = [init for init in proto.graph.initializer if init.name != name]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
-    proto.graph.node.insert(0, node)
+    for i, node in enumerate(nodes):
+        proto.graph.node.insert(i, node)
 
 
 def enabled_act_quant(qlayer: QuantLayer) -> nn.Module | None:

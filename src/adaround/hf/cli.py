@@ -30,6 +30,10 @@ def add_hf_options(q: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", action="store_true",
                    help="keep blocks not in use on the CPU (with --device cuda)")
     g.add_argument("--device", help="device to run on (default: where the model loads, CPU)")
+    g.add_argument("--hf-compressed", metavar="FOLDER",
+                   help="also write a compressed-tensors checkpoint folder that transformers' "
+                   "from_pretrained loads (pip install 'adaround[compressed]'; "
+                   "docs/huggingface.md)")
 
 
 def quantize_hf_from_args(args: argparse.Namespace, cfg: QuantConfig) -> int:
@@ -53,6 +57,11 @@ def quantize_hf_from_args(args: argparse.Namespace, cfg: QuantConfig) -> int:
     qmodel = quantize_hf(model, sentences, cfg, opts, tokenizer=tokenizer,
                          progress=not args.quiet)
     adaround.save(qmodel, args.output)
+    if getattr(args, "hf_compressed", None):
+        from adaround.hf.checkpoint import save_compressed
+
+        print(f"compressed-tensors checkpoint -> "
+              f"{save_compressed(qmodel, args.hf_compressed, tokenizer)}")
     stats = qmodel.adaround_hf_stats
     print(f"quantized {len(qmodel.adaround_meta['layers'])} layers of {args.hf_model} in "
           f"{time.perf_counter() - start:.1f}s ({stats.tokens} calibration tokens, "
