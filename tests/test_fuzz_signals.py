@@ -104,9 +104,13 @@ def test_killed_terminated_interrupted_then_resumed(tmp_path: Path, env) -> None
     assert not folder.exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_sigint_while_starting_up(tmp_path: Path, env) -> None:  # type: ignore[no-untyped-def]
     proc = _start(tmp_path, env, LAYERWISE)
-    time.sleep(0.3)  # importing torch
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)  # wait until torch is importing: earlier, Python itself starts up
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
