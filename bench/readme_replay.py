@@ -5,7 +5,8 @@ The clone goes beside the shared data (so `../shared/data` in the README resolve
 follow the page. One JSON line per block: its first command, exit code, seconds, last lines
 of output.
 
-    python bench/readme_replay.py --clone /work/replay --skip 2 --json bench/results/readme.jsonl
+    python bench/readme_replay.py --clone /work/replay --venv /work/replay-venv --skip 2 \
+        --json bench/results/readme.jsonl
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clone", type=Path, required=True, help="fresh clone folder (replaced)")
     ap.add_argument("--skip", type=int, nargs="*", default=[], help="block numbers to skip")
+    ap.add_argument("--venv", type=Path, help="fresh virtual environment to run in (replaced)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.venv:
+        if args.venv.exists():
+            shutil.rmtree(args.venv)
+        subprocess.run(["python3", "-m", "venv", str(args.venv)], check=True)
+        env["PATH"] = f"{args.venv / 'bin'}:{env['PATH']}"
+        env["VIRTUAL_ENV"] = str(args.venv)
     if args.clone.exists():
         shutil.rmtree(args.clone)
     subprocess.run(["git", "clone", "-q", str(REPO), str(args.clone)], check=True)
@@ -40,7 +49,7 @@ def main() -> None:
             continue
         start = time.perf_counter()
         proc = subprocess.run(["bash", "-e", "-c", block], cwd=args.clone, text=True,
-                              capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              capture_output=True, env=env)
         row = {"block": number, "command": block.strip().splitlines()[0][:100],
                "rc": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
                "load": round(os.getloadavg()[0], 1),
