@@ -232,3 +232,24 @@ def test_checkpoint_under_a_file_refused_before_work(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     refused(OutputPathError, lambda: adaround.quantize(tiny_resnet(), images(64), FAST,
                                                        checkpoint_dir=tmp_path / "f" / "ck"))
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, x, d: adaround.export_onnx(None, x, d / "m.onnx"),
+    lambda q, x, d: adaround.export_onnx({"w": 1}, x, d / "m.onnx"),
+    lambda q, x, d: adaround.export_onnx(q, None, d / "m.onnx"),
+    lambda q, x, d: adaround.export_onnx(q, [x], d / "m.onnx"),
+    lambda q, x, d: adaround.export_onnx(q, x, d),
+    lambda q, x, d: adaround.export_encodings(None, d / "m.encodings"),
+    lambda q, x, d: adaround.export_encodings(q, d / "m.encodings", "x"),
+    lambda q, x, d: adaround.export_aimet(q, None, d),
+    lambda q, x, d: adaround.export_aimet(q, x, None),
+])
+def test_export_arguments_checked_before_any_work(call, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Exports given None, a dict or a list where a module, an input or a path belongs: an
+    AdaRoundError naming the argument and the fix, no raw AttributeError, no file written."""
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    qmodel = adaround.quantize(tiny_resnet(), x, QuantConfig(weight_bits=4, rounding="nearest"))
+    with pytest.raises(adaround.AdaRoundError, match=r"(pass|choose)"):
+        call(qmodel, x[:1], tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.is_file()]

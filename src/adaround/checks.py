@@ -78,3 +78,20 @@ def check_output_path(path: Any, what: str = "output") -> Path:
         raise OutputPathError(f"cannot create the folders of {what} {target}: {folder} is not "
                               "writable; choose a writable folder")
     return target
+
+
+def check_export(qmodel: Any, example_input: Any = None, *, example_required: bool = True) -> None:
+    """Refuse, before any export work, a `qmodel` that is not a module or an example input that
+    is not a tensor, a tuple of tensors or a dict of them (a Hugging Face batch)."""
+    from torch import Tensor
+
+    from adaround.errors import ExportError
+
+    check_model(qmodel, "qmodel")
+    if example_input is None and not example_required:
+        return
+    values = (list(example_input.values()) if isinstance(example_input, dict)
+              else list(example_input) if isinstance(example_input, tuple) else [example_input])
+    if not values or not all(isinstance(v, Tensor) for v in values):
+        raise ExportError(f"example_input is {_kind(example_input)}: pass one input batch as a "
+                          "tensor (e.g. calib[:1]), a tuple of tensors or a tokenizer's dict")

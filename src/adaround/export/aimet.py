@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from adaround.checks import check_export, check_path
 from adaround.errors import ExportError
 from adaround.export.aimet_grid import aimet_ready, legacy_entries, v1_entry
 from adaround.export.encodings import encodings_dict
@@ -156,6 +157,8 @@ def export_aimet(qmodel: nn.Module, example_input: Tensor | tuple[Tensor, ...],
     Example (the aimet-torch side is in docs/aimet.md):
         >>> adaround.export_aimet(qmodel, torch.randn(1, 3, 32, 32), "out")  # doctest: +SKIP
     """
+    check_export(qmodel, example_input)
+    check_path(directory, "directory")
     onnx = require_onnx()
     if encoding_version not in AIMET_VERSIONS:
         raise ExportError(f"encoding_version={encoding_version!r}: AIMET formats are "

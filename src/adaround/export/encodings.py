@@ -27,6 +27,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from adaround.api import META_ATTR
+from adaround.checks import check_export, check_output_path
 from adaround.errors import ExportError
 from adaround.export.graph import (
     consumers,
@@ -137,6 +138,8 @@ def export_encodings(qmodel: nn.Module, path: str | os.PathLike[str],
         >>> x = torch.randn(1, 3, 32, 32)
         >>> adaround.export_encodings(qmodel, "model.encodings", x)  # doctest: +SKIP
     """
+    check_export(qmodel, example_input, example_required=False)
+    check_output_path(path)
     text = json.dumps(encodings_dict(qmodel, example_input), indent=2)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     log.info("wrote %s", path)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from adaround.checks import check_export, check_output_path
 from adaround.errors import ExportError
 from adaround.export.graph import (
     ExampleInput,
@@ -88,6 +89,8 @@ def export_onnx(qmodel: nn.Module, example_input: ExampleInput,
     Example:
         >>> adaround.export_onnx(qmodel, torch.randn(1, 3, 32, 32), "model.onnx")  # doctest: +SKIP
     """
+    check_export(qmodel, example_input)
+    check_output_path(path)
     onnx = require_onnx()
     proto = build_onnx(qmodel, example_input, qdq=qdq, dynamic_batch=dynamic_batch,
                        weight_form=weight_form)
