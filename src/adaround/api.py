@@ -6,12 +6,14 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from adaround import distributed
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import (
@@ -197,6 +199,7 @@ def quantize(
         calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)
         log.info("%s", describe_convention(cfg, trace.names()))
     if cfg.rounding == "adaround" and uses_unit_loop(cfg):  # blocks, QDrop, learned steps
+        distributed.not_split("block, QDrop and learned-step reconstruction")
         report = round_units(fp, qmodel, trace, plans, x, cfg, progress)
     else:
         report = _round_layers(fp, qmodel, plans, x, cfg, progress)
@@ -240,9 +243,11 @@ def _round_to_nearest(qmodel: nn.Module, plans: list[LayerPlan]) -> None:
 
 
 def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLayer,
-                   x: Tensor, cfg: QuantConfig) -> Moments | None:
+                   x: Tensor, cfg: QuantConfig,
+                   accumulate: Callable[..., Moments] = accumulate_moments) -> Moments | None:
     """The moments of the layer's inputs where cfg.loss asks for them and the layer allows
-    (for "auto": where a quadratic step costs less than a sampled one)."""
+    (for "auto": where a quadratic step costs less than a sampled one); `accumulate` sums
+    them (over this process's shard and all-reduced, in adaround.distributed)."""
     if cfg.loss == "sampled":
         return None
     if not supports_quadratic(qlayer.layer):
@@ -256,7 +261,7 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
             if quadratic_cost >= sampled_cost:
                 return None
         chunks = ((quantize_layer_input(qlayer, xq), xf) for xq, xf in engine.input_chunks(name))
-        return accumulate_moments(qlayer.layer, chunks)
+        return accumulate(qlayer.layer, chunks)
     except UnfoldError as exc:
         log.info("%s: %s; using the sampled loss", name, exc)
         return None
@@ -285,6 +290,8 @@ def _round_layers(
     if cfg.rounding == "nearest":
         _round_to_nearest(qmodel, plans)
         return []
+    if distributed.active():  # in a process group: data and rows split across processes
+        return distributed.round_layers(fp, qmodel, plans, x, cfg, progress)
     names = [p.name for p in plans if p.reconstructable]
     with budget_store(cfg.memory_budget_mb) as store:
         # inputs="float": both streams are the FP network, and the layers are independent
