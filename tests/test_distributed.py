@@ -16,10 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_models import TinyResNet, randomize_bn
+from torch import nn
 
 import adaround
 from adaround import distributed
 from adaround.nn.quant_layer import QuantLayer
+from adaround.primitives import hard_codes
+from adaround.reconstruct import loop
+from adaround.reconstruct.quadratic import accumulate_moments
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -113,7 +117,48 @@ def test_a_process_that_leaves_stops_the_others(tmp_path: Path) -> None:
     assert "process 0 of 2" in message and "another process" in message
 
 
-def test_rows_split_as_groups_and_channels() -> None:
-    # no process group: one process owns everything
-    assert distributed.owned_rows(16, 1) == (0, 16)
-    assert distributed.owned_rows(16, 16) == (0, 16)
+@pytest.mark.parametrize("c_out, groups", [(16, 1), (7, 1), (24, 24), (30, 5), (2, 2)])
+def test_rows_split_into_contiguous_runs_of_whole_groups(c_out: int, groups: int) -> None:
+    for w in (1, 2, 3, 8):
+        runs = [distributed.owned_rows(c_out, groups, r, w) for r in range(w)]
+        assert runs[0][0] == 0 and runs[-1][1] == c_out
+        assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(runs, runs[1:]))
+        if groups > 1:  # whole groups: a group shares one moment matrix
+            assert all(lo % (c_out // groups) == 0 for lo, _ in runs)
+
+
+LAYERS = [  # (layer, input shape): rows whose boundaries fall off the CPU vector stride
+    (nn.Linear(300, 100), (64, 300)),
+    (nn.Conv2d(20, 30, 3, groups=5), (16, 20, 8, 8)),
+    (nn.Conv2d(24, 24, 3, padding=1, groups=24), (16, 24, 8, 8)),  # depthwise
+]
+
+
+@pytest.mark.parametrize("index", range(len(LAYERS)))
+def test_each_share_steps_its_weights_bit_for_bit_as_the_whole_layer(
+        index: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only the codes: V itself, after every step, equals the 1-process V (it would not
+    without the ALIGN windows: the last elements of a tensor take a scalar path)."""
+    layer, shape = LAYERS[index]
+    torch.manual_seed(index)
+    qlayer = QuantLayer(layer, 3, True, True)
+    qlayer.fit_grid("mse")
+    x = torch.randn(shape)
+    moments = accumulate_moments(layer, [(x + 0.1 * torch.randn(shape), x)])
+    final_v: list[torch.Tensor] = []
+
+    def keep_v(w_floor: torch.Tensor, v: torch.Tensor, *args: object) -> torch.Tensor:
+        final_v.append(v.reshape(-1).clone())
+        return hard_codes(w_floor, v, *args)
+
+    monkeypatch.setattr(loop, "hard_codes", keep_v)
+    cfg = adaround.QuantConfig(weight_bits=3, per_channel=True, iters=120, lr=1e-2,
+                               early_stop=False)
+    whole = loop.run_rounding(qlayer, loop.Objective(loop.QuadraticLoss(qlayer, moments)),
+                              cfg)[0].reshape(-1)
+    for r in range(2):
+        owned, codes, _ = distributed.round_share(qlayer, moments, cfg, r, 2, lambda t: t)
+        start = owned.start // distributed.ALIGN * distributed.ALIGN
+        v = final_v[-1][owned.start - start:owned.stop - start]
+        assert torch.equal(v, final_v[0][owned]), f"share {r}: V differs from the whole layer's"
+        assert torch.equal(codes, whole[owned])

@@ -153,10 +153,9 @@ def shared_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]) ->
     return finish_moments(layer, sums, int(total.item()))
 
 
-def owned_rows(c_out: int, groups: int) -> tuple[int, int]:
-    """The output channels [lo, hi) this process rounds: a balanced contiguous run of channels,
-    of whole groups for grouped convolutions (a group shares one moment matrix)."""
-    r, w = rank(), world()
+def owned_rows(c_out: int, groups: int, r: int, w: int) -> tuple[int, int]:
+    """The output channels [lo, hi) process r of w rounds: a balanced contiguous run of
+    channels, of whole groups for grouped convolutions (a group shares one moment matrix)."""
     if groups == 1:
         return c_out * r // w, c_out * (r + 1) // w
     per = c_out // groups
@@ -196,9 +195,22 @@ def round_rows(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, progress:
     """This process's channels rounded on the quadratic loss, the codes of all channels
     gathered: (codes shaped as the weight, steps run), the same on every process."""
     weight = qlayer.layer.weight.detach()
+    owned, codes, steps_run = round_share(qlayer, moments, cfg, rank(), world(), all_sum,
+                                          progress, desc)
+    full = weight.new_zeros(weight.numel())
+    full[owned] = codes
+    return all_sum(full).reshape(weight.shape), steps_run
+
+
+def round_share(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, r: int, w: int,
+                total: Callable[[Tensor], Tensor], progress: bool = False, desc: str = ""
+                ) -> tuple[slice, Tensor, int]:
+    """Process r of w's share: (its elements of the flattened weight, their codes, steps run);
+    `total` sums the early-stop count over the processes."""
+    weight = qlayer.layer.weight.detach()
     c_out, n = weight.shape[0], weight.numel()
     length = n // max(c_out, 1)
-    lo, hi = owned_rows(c_out, getattr(qlayer.layer, "groups", 1))
+    lo, hi = owned_rows(c_out, getattr(qlayer.layer, "groups", 1), r, w)
     # the window: the elements of rows [lo, hi), widened to multiples of ALIGN of the layer
     start = lo * length // ALIGN * ALIGN
     stop = n if hi * length == n else min(n, -(-hi * length // ALIGN) * ALIGN)
@@ -212,10 +224,8 @@ def round_rows(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, progress:
     objective = Objective(RowsLoss(qlayer.layer, moments, lo, hi, owned.start, stop - start))
     codes, steps_run = round_weights(
         window(weight), window(qlayer.weight_scale()), window(qlayer.weight_zero_point()),
-        qlayer.qmin, qlayer.qmax, objective, cfg, progress, desc, Share(owned, all_sum))
-    full = weight.new_zeros(n)
-    full[lo * length:hi * length] = codes[owned]
-    return all_sum(full).reshape(weight.shape), steps_run
+        qlayer.qmin, qlayer.qmax, objective, cfg, progress, desc, Share(owned, total))
+    return slice(lo * length, hi * length), codes[owned], steps_run
 
 
 class ShardSampledLoss(SampledLoss):
