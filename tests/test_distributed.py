@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -162,3 +163,41 @@ def test_each_share_steps_its_weights_bit_for_bit_as_the_whole_layer(
         v = final_v[-1][owned.start - start:owned.stop - start]
         assert torch.equal(v, final_v[0][owned]), f"share {r}: V differs from the whole layer's"
         assert torch.equal(codes, whole[owned])
+
+
+def test_torchrun_command_line_writes_the_one_process_file(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m adaround quantize ...`: one file, from process 0, with
+    the 1-process codes; each layer logged once."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from adaround.cli import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.integers(0, 256, (320, 8, 8, 3), dtype=np.uint8),
+             y=rng.integers(0, 4, 320))
+    args = ["quantize", "tiny_models:tiny_resnet", "--calib", str(data), "--num-calib", "320",
+            "--bits", "3", "--per-channel", "--loss", "quadratic", "--iters", "300",
+            "--lr", "0.02"]
+    assert main(["-q", *args, "-o", str(tmp_path / "one.pt")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                           *[p for p in sys.path if p.endswith("src")],
+                                           os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "-m", "adaround", "--threads", "1", *args, "-o", str(tmp_path / "two.pt")],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("quantized 5 layers") == 1
+    assert run.stderr.count("block.conv1 (W3") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "one.pt", "two.pt"]
+    one = adaround.load(tmp_path / "one.pt", tiny_models.tiny_resnet())
+    two = adaround.load(tmp_path / "two.pt", tiny_models.tiny_resnet())
+    assert _codes(one).keys() == _codes(two).keys()
+    for name, codes in _codes(one).items():
+        assert torch.equal(codes, _codes(two)[name]), name

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from adaround import distributed
 from adaround.allocator import keep_freed_memory
 from adaround.cli_act import act_config_kwargs, add_act_options
 from adaround.config import QuantConfig
@@ -108,6 +109,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     log.info("calibrating on %d samples of shape %s; %s", len(calib), tuple(calib.shape[1:]), cfg)
     start = time.perf_counter()
     qmodel = adaround.quantize(model, calib, cfg, progress=not args.quiet)
+    if distributed.rank() > 0:  # under torchrun: process 0 writes and reports
+        return EXIT_OK
     adaround.save(qmodel, args.output)
     print(f"quantized {len(qmodel.adaround_meta['layers'])} layers in "
           f"{time.perf_counter() - start:.1f}s -> {args.output}")
@@ -361,6 +364,8 @@ def _terminal_logging(quiet: bool) -> Iterator[None]:
     saved = log.handlers[:], log.level, log.propagate
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if distributed.rank() > 0:  # under torchrun: logs from process 0, errors from any
+        log.setLevel(logging.ERROR)
     log.propagate = False
     try:
         yield
@@ -374,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with _terminal_logging(args.quiet):
-        return _run(args)
+    with distributed.launched_group():  # under torchrun: join its process group
+        args.quiet = args.quiet or distributed.rank() > 0  # progress bars from process 0
+        with _terminal_logging(args.quiet):
+            return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -385,8 +392,11 @@ def _run(args: argparse.Namespace) -> int:
         with logging_redirect_tqdm(loggers=[log]):
             return int(args.func(args))
     except (AdaRoundError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"adaround: error: {exc}", file=sys.stderr)
+        print(f"adaround: error: {distributed.where()}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except distributed.DistributedError as exc:
+        print(f"adaround: error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("adaround: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -40,9 +40,12 @@ exits with an error.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,6 +81,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ALIGN = 64  # elements: a multiple of every CPU vector loop's stride (2 x 16 floats)
+GROUP_TIMEOUT = timedelta(minutes=30)  # a collective waiting longer fails (command line)
 
 
 class DistributedError(RuntimeError):
@@ -107,6 +111,27 @@ def all_sum(t: Tensor) -> Tensor:
             f" {str(exc).splitlines()[0][:200]}); another process probably failed or was "
             "stopped: see its log") from exc
     return t
+
+
+def where() -> str:
+    """"process r of N: " inside a process group, "" outside (for messages)."""
+    return f"process {rank()} of {world()}: " if active() else ""
+
+
+@contextmanager
+def launched_group() -> Iterator[None]:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1, RANK,
+    MASTER_ADDR, MASTER_PORT) on gloo, the command line computing on CPUs, and leave it at
+    the end; without torchrun (or inside a group already), nothing."""
+    if (int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available()
+            or dist.is_initialized()):
+        yield
+        return
+    dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def not_split(what: str) -> None:
