@@ -201,14 +201,16 @@ class RowsLoss:
             per = rows.shape[1]
             self.w, self.a, self.r = (t[lo // per:hi // per] for t in (rows, moments.a, moments.r))
         self.w, self.r = self.w.contiguous(), self.r.contiguous()
-        self.at, self.size = at, size
+        self.at = at
+        # one gradient buffer, reused by every step (the step consumes it before the next):
+        # zero on the window's extra elements, the rows' gradient written in place
+        self.grad = self.w.new_zeros(size)
+        self.rows = self.grad[at:at + self.w.numel()].view(self.w.shape)
 
     def weight_grad(self, weight: Tensor) -> Tensor:
-        own = weight[self.at:self.at + self.w.numel()].reshape(self.w.shape)
-        grad = weight.new_zeros(self.size)
-        grad[self.at:self.at + self.w.numel()] = torch.baddbmm(
-            self.r, own - self.w, self.a).mul_(2).reshape(-1)
-        return grad
+        own = weight[self.at:self.at + self.w.numel()].view(self.w.shape)
+        torch.baddbmm(self.r, own - self.w, self.a, out=self.rows).mul_(2)
+        return self.grad
 
     def skip(self, steps: int) -> None:
         pass
