@@ -199,8 +199,11 @@ def quantize(
         calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)
         log.info("%s", describe_convention(cfg, trace.names()))
     if cfg.rounding == "adaround" and uses_unit_loop(cfg):  # blocks, QDrop, learned steps
-        distributed.not_split("block, QDrop and learned-step reconstruction")
-        report = round_units(fp, qmodel, trace, plans, x, cfg, progress)
+        if distributed.active() and distributed.splits_units(cfg):
+            report = distributed.round_units(fp, qmodel, trace, plans, x, cfg, progress)
+        else:
+            distributed.not_split("reconstruction with QDrop or Fisher weights")
+            report = round_units(fp, qmodel, trace, plans, x, cfg, progress)
     else:
         report = _round_layers(fp, qmodel, plans, x, cfg, progress)
     qmodel.eval()

@@ -380,3 +380,87 @@ def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Te
             if rank() == 0:
                 api._log_layer(result, plan, qlayer, cfg, activation is not None)
     return report
+
+
+class BatchSplit:
+    """Block reconstruction across processes: every process draws the same batches of global
+    sample indices, keeps those of its shard, and the gradients of the loss on them (weighted
+    by their share of the batch) are summed over processes before the regulariser's gradient,
+    the same everywhere, is added; so every process takes the same step."""
+
+    def __init__(self, part: Shard) -> None:
+        self.offset, self.count, self.total = part.offset, part.count, part.total
+
+    def local(self, idx: Tensor) -> Tensor:
+        """The batch's samples held here, as indices into this process's shard."""
+        idx = idx - self.offset
+        return idx[(idx >= 0) & (idx < self.count)]
+
+    def backward(self, loss: Tensor, share: float, reg: Tensor | None,
+                 params: list[Tensor]) -> None:
+        """Fill every param's .grad: share * d loss (summed over processes) + d reg."""
+        if share > 0:
+            (loss * share).backward(retain_graph=reg is not None)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_sum(p.grad)
+        if reg is not None:
+            reg.backward()
+
+    def evaluator(self, objective: Any) -> Callable[[dict[str, Tensor]], float]:
+        """The unit's loss on the first EVAL_SAMPLES samples of all processes."""
+        keep = max(0, min(self.count, EVAL_SAMPLES - self.offset))
+
+        def evaluate(params: dict[str, Tensor]) -> float:
+            local = objective.evaluate(params, keep) if keep else 0.0
+            sums = all_sum(torch.tensor([local * keep, float(keep)], dtype=torch.float64,
+                                        device=objective.target.device))
+            return (sums[0] / sums[1].clamp(min=1)).item()
+
+        return evaluate
+
+
+def splits_units(cfg: QuantConfig) -> bool:
+    """Block reconstruction splits its batches across processes unless QDrop (its random
+    masks are drawn per batch) or the Fisher weights (normalised over all data) are on."""
+    return cfg.qdrop is None and not cfg.fisher
+
+
+def round_units(fp: nn.Module, qmodel: nn.Module, trace: Any, plans: list[LayerPlan],
+                x: Tensor, cfg: QuantConfig, progress: bool) -> list[Any]:
+    """`adaround.reconstruct.units.round_units` across the processes of the group: data
+    sharded, each batch's gradient summed over processes; progress and logs from process 0."""
+    from adaround.reconstruct import units
+    from adaround.reconstruct.block import reconstruct_unit
+
+    progress = progress and rank() == 0
+    for plan in plans:
+        if not plan.reconstructable:
+            qlayer: Any = qmodel.get_submodule(plan.name)
+            qlayer.set_codes(qlayer.nearest_codes())
+    all_units = units.units_of(fp, trace, plans, x, cfg)
+    blocks = [u for u in all_units if u.kind == "block"]
+    infos = {p.name: p.info for p in plans}
+    bits = {p.name: p.bits for p in plans}
+    part = shard(list(x.split(units.FORWARD_BATCH)))
+    split = BatchSplit(part)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    report = []
+    with budget_store(cfg.memory_budget_mb) as store:
+        engine = make_engine(fp, qmodel, part.chunks, [u.name for u in all_units], store,
+                             blocks=frozenset(u.name for u in blocks))
+        for unit in tqdm(all_units, desc="units", unit="unit", disable=not progress):
+            start = time.perf_counter()
+            info = infos.get(unit.name)
+            activation = (info.activation if unit.kind == "layer" and info is not None
+                          and cfg.loss_after_activation else None)
+            inputs = engine.unit_inputs(unit.name)
+            target = engine.unit_target(unit.name, activation)
+            result = reconstruct_unit(unit, qmodel, inputs, target, activation, None, cfg,
+                                      generator, progress, start, split)
+            del inputs, target
+            report.append(result)
+            if rank() == 0:
+                log.info("%s", units._describe(result, cfg, bits))
+    return report
