@@ -40,6 +40,17 @@ CONFIGS = {
 }
 
 
+HF_CONFIGS = {  # run where transformers is installed
+    "hf_quadratic": dict(iters=200, lr=2e-2, loss="quadratic", per_channel=True),
+    "hf_sampled": dict(iters=60, lr=3e-2, loss="sampled", per_channel=True),
+}
+try:
+    import transformers  # noqa: F401
+    CONFIGS.update(HF_CONFIGS)
+except ImportError:
+    pass
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -58,8 +69,30 @@ def _codes(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _run(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    if name.startswith("hf_"):
+        return _run_hf(name)
     model, x = _model_and_data()
     qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]))
+    return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
+
+
+def _run_hf(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A tiny random Llama, block by block (quantize_hf): 4 batches of padded sentences."""
+    import transformers
+
+    from adaround.hf import HFOptions, quantize_hf
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (32, 10), generator=g)
+    mask = torch.ones_like(ids)
+    for i, k in enumerate(torch.randint(3, 11, (32,), generator=g).tolist()):
+        mask[i, k:], ids[i, k:] = 0, 0
+    qmodel = quantize_hf(model, {"input_ids": ids, "attention_mask": mask},
+                         adaround.QuantConfig(**HF_CONFIGS[name]), HFOptions(forward_batch=8))
     return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
 
 
@@ -103,10 +136,11 @@ def test_two_processes_give_the_one_process_codes(name: str, two_processes: dict
         assert codes.keys() == reference.keys()
         differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
         total = sum(c.numel() for c in codes.values())
-        if name == "quadratic":  # rows split: bit for bit, the early stops at the same steps
+        if name in ("quadratic", "hf_quadratic"):  # rows split: bit for bit, same steps
             assert differ == 0, f"rank {rank}: {differ} of {total} codes differ"
             assert dist_iters == iters
-            assert min(iters) < CONFIGS[name]["iters"]  # the shared early stop was exercised
+            if name == "quadratic":  # the shared early stop was exercised
+                assert min(iters) < CONFIGS[name]["iters"]
         else:  # gradients summed in another order: a few codes may differ
             assert dist_iters == iters
             assert differ <= 0.01 * total, f"rank {rank}: {differ} of {total} codes differ"

@@ -143,27 +143,38 @@ def not_split(what: str) -> None:
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's calibration chunks, and where they sit among all samples."""
+    """This process's calibration chunks, and where its samples sit among all samples."""
 
     chunks: list[Tensor]
     offset: int  # global index of the shard's first sample
+    count: int  # samples held here
     total: int  # samples over all processes
 
-    @property
-    def count(self) -> int:
-        return sum(len(c) for c in self.chunks)
+
+def shard_items(items: list[Any], what: str = "calibration batches") -> list[Any]:
+    """Process r's contiguous run of `items` (balanced: counts differ by at most one)."""
+    n, r, w = len(items), rank(), world()
+    if n < w:
+        raise CalibrationDataError(
+            f"the {what} are {n}, fewer than the {w} processes: pass more data (or smaller "
+            "batches) or run fewer processes")
+    return items[n * r // w:n * (r + 1) // w]
 
 
 def shard(chunks: list[Tensor]) -> Shard:
-    """Process r's contiguous run of the chunks (balanced: counts differ by at most one)."""
-    n, r, w = len(chunks), rank(), world()
-    if n < w:
-        raise CalibrationDataError(
-            f"{sum(len(c) for c in chunks)} calibration samples make {n} chunk(s) of at most "
-            f"{len(chunks[0])}, fewer than the {w} processes: pass more samples or run fewer "
-            "processes")
-    lo, hi = n * r // w, n * (r + 1) // w
-    return Shard(chunks[lo:hi], sum(len(c) for c in chunks[:lo]), sum(len(c) for c in chunks))
+    """Process r's contiguous run of the calibration chunks, and where it sits."""
+    lo = len(chunks) * rank() // world()
+    mine = shard_items(chunks, f"calibration chunks of at most {len(chunks[0])} samples")
+    return Shard(mine, sum(len(c) for c in chunks[:lo]), sum(len(c) for c in mine),
+                 sum(len(c) for c in chunks))
+
+
+def rows_shard(count: int, device: torch.device) -> Shard:
+    """Where this process's `count` rows sit among all processes' (process order)."""
+    counts = torch.zeros(world(), dtype=torch.float64, device=device)
+    counts[rank()] = count
+    counts = all_sum(counts).tolist()
+    return Shard([], int(sum(counts[:rank()])), count, int(sum(counts)))
 
 
 @torch.no_grad()
@@ -464,3 +475,19 @@ def round_units(fp: nn.Module, qmodel: nn.Module, trace: Any, plans: list[LayerP
             if rank() == 0:
                 log.info("%s", units._describe(result, cfg, bits))
     return report
+
+
+def round_hf_layer(name: str, qlayer: QuantLayer, x_q: list[Tensor], x_fp: list[Tensor],
+                   activation: Callable[[Tensor], Tensor] | None, cfg: QuantConfig,
+                   generator: torch.Generator, progress: bool, begin: float) -> LayerResult:
+    """`quantize_hf`'s layer across processes: each holds the token rows of its batches."""
+    from adaround.reconstruct.cache import layer_target
+
+    moments = None
+    if cfg.loss != "sampled":
+        moments = shared_moments(qlayer.layer, zip(x_q, x_fp))
+    xq = torch.cat(x_q)
+    target = layer_target(qlayer.layer, torch.cat(x_fp), activation)
+    part = rows_shard(xq.shape[0], xq.device)
+    return adaround_layer(name, qlayer, xq, target, activation, cfg, generator,
+                          progress and rank() == 0, begin, moments, part)
