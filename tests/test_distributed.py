@@ -41,8 +41,8 @@ CONFIGS = {
 
 
 HF_CONFIGS = {  # run where transformers is installed
-    "hf_quadratic": dict(iters=200, lr=2e-2, loss="quadratic", per_channel=True),
-    "hf_sampled": dict(iters=60, lr=3e-2, loss="sampled", per_channel=True),
+    "hf_quadratic": dict(iters=100, lr=3e-2, loss="quadratic", per_channel=True),
+    "hf_sampled": dict(iters=40, lr=5e-2, loss="sampled", per_channel=True),
 }
 try:
     import transformers  # noqa: F401
