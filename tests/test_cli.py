@@ -24,7 +24,7 @@ def test_quantize_then_evaluate(tmp_path, data, capsys) -> None:  # type: ignore
     captured = capsys.readouterr()
     assert code == 0 and out.exists()
     assert "quantized 5 layers" in captured.out
-    assert "block.conv1 (W3, loss after relu): loss nearest" in captured.err
+    assert "block.conv1 (W3): loss after relu nearest" in captured.err
     assert "rounded differently" in captured.err
     code = main(["--quiet", "evaluate", MODEL, "--quantized", str(out), "--data", str(data)])
     captured = capsys.readouterr()

@@ -2,6 +2,16 @@
 
 import sys
 
-from adaround.cli import main
 
-sys.exit(main())
+def run() -> int:
+    """The `adaround` command: Ctrl-C while torch is still importing ends quietly (130)."""
+    try:
+        from adaround.cli import main
+    except KeyboardInterrupt:
+        print("adaround: interrupted", file=sys.stderr)
+        return 130
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

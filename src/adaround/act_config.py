@@ -87,7 +87,8 @@ def resolve_activation_options(cfg: Any) -> None:
     _check_choice("act_range", cfg.act_range, ACT_RANGES)
     for name in ("fisher", "learn_act_scale"):
         if not isinstance(getattr(cfg, name), bool):
-            raise ConfigError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+            raise ConfigError(f"{name} must be True or False, got {getattr(cfg, name)!r}: "
+                              "pass a bool")
     if cfg.qdrop is not None:
         _check_positive("qdrop", cfg.qdrop)
         if cfg.qdrop > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,15 +14,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adaround import distributed
+from adaround import distributed, input_stats
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import (
     check_finite_weights,
-    check_model,
+    check_quantizable,
     collect_calibration,
     model_device,
 )
+from adaround.checkpoint import Checkpoint
+from adaround.checks import check_config
 from adaround.config import QuantConfig, short_run_note
 from adaround.equivalence import (
     CHECK_SAMPLES,
@@ -31,7 +34,8 @@ from adaround.equivalence import (
     relative_error,
     run_outputs,
 )
-from adaround.errors import CalibrationDataError, ModelError
+from adaround.errors import CalibrationDataError, ConfigError, ModelError
+from adaround.guards import check_finite, check_input_scale, check_result, open_checkpoint
 from adaround.inputs import IndexedInputs, Structured, collect_structured, strip_prefix
 from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
@@ -160,7 +164,8 @@ def check_wrapped(fp: nn.Module, qmodel: nn.Module, x: Tensor) -> None:
 
 
 def quantize(
-    model: nn.Module, calib: Any, config: QuantConfig | None = None, *, progress: bool = False
+    model: nn.Module, calib: Any, config: QuantConfig | None = None, *, progress: bool = False,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Quantize `model`'s weights with AdaRound (or nearest rounding) and return a new module.
 
@@ -168,18 +173,22 @@ def quantize(
     reconstruction unit (layer or block), QDrop and learned activation steps follow the config
     (BRECQ and QDrop are `method="brecq"` / `"qdrop"`).
 
+    `checkpoint_dir`: after each layer or block, the progress goes there; a run killed and
+    started again with the same arguments continues where it stopped, with the same result
+    (adaround.checkpoint). Other model, data or options in the folder are refused.
+
     Example:
         >>> cfg = QuantConfig(weight_bits=4, iters=10)
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
         >>> qnet = quantize(net, torch.randn(64, 3, 6, 6), cfg)
     """
-    cfg = config or QuantConfig()
+    cfg = check_config(config)
+    check_quantizable(model)
     if (note := short_run_note(cfg)) is not None:
         log.warning("%s", note)
-    check_model(model)
     structured = collect_structured(calib, model)
     if structured is not None:  # several inputs: tuples or dicts of tensors per batch
-        return _quantize_structured(model, structured, cfg, progress)
+        return _quantize_structured(model, structured, cfg, progress, checkpoint_dir)
     check_finite_weights(model)
     device = model_device(model)
     x = collect_calibration(calib).to(device)
@@ -191,6 +200,11 @@ def quantize(
             f"calibration data has {x.shape[0]} samples, fewer than batch_size={cfg.batch_size}: "
             "pass more samples (hundreds) or lower batch_size"
         )
+    check_input_scale(x)
+    if checkpoint_dir is not None and distributed.active():
+        raise ConfigError("checkpoint_dir is not supported across processes yet (torchrun): "
+                          "run without it (--checkpoint), or in one process")
+    checkpoint = open_checkpoint(checkpoint_dir, model, x, cfg)
     fp, trace, folded = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
     qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
@@ -203,9 +217,9 @@ def quantize(
             report = distributed.round_units(fp, qmodel, trace, plans, x, cfg, progress)
         else:
             distributed.not_split("reconstruction with QDrop or Fisher weights")
-            report = round_units(fp, qmodel, trace, plans, x, cfg, progress)
+            report = round_units(fp, qmodel, trace, plans, x, cfg, progress, checkpoint)
     else:
-        report = _round_layers(fp, qmodel, plans, x, cfg, progress)
+        report = _round_layers(fp, qmodel, plans, x, cfg, progress, checkpoint)
     qmodel.eval()
     if dtype is not None and dtype != torch.float32:
         qmodel = qmodel.to(dtype)  # codes stay integers; scales and biases take the dtype
@@ -214,21 +228,25 @@ def quantize(
         "folded": folded,
         "layers": {p.name: p.bits for p in plans},
         "act_quant": act_quant_spec(qmodel),  # {layer: {bits, signed}}; scales in the state
+        input_stats.KEY: input_stats.describe(x),  # for evaluate's warnings
     })
     setattr(qmodel, REPORT_ATTR, report)
     return qmodel
 
 
 def _quantize_structured(model: nn.Module, inputs: Structured, cfg: QuantConfig,
-                         progress: bool) -> nn.Module:
+                         progress: bool, checkpoint_dir: Any) -> nn.Module:
     """Quantize a model with several inputs through an index-driven wrapper, then unwrap."""
     device = model_device(model)
     inputs = Structured([t.to(device) for t in inputs.args],
                         {k: t.to(device) for k, t in inputs.kwargs.items()})
+    for t in [*inputs.args, *inputs.kwargs.values()]:
+        check_input_scale(t)  # the index tensor below says nothing of the inputs
     wrapped = quantize(IndexedInputs(model, inputs), torch.arange(inputs.count()), cfg,
-                       progress=progress)
+                       progress=progress, checkpoint_dir=checkpoint_dir)
     qmodel = wrapped.model
     meta = getattr(wrapped, META_ATTR)
+    meta.pop(input_stats.KEY, None)  # statistics of sample indices, not of the inputs
     meta["folded"] = {strip_prefix(k): strip_prefix(v) for k, v in meta["folded"].items()}
     for key in ("layers", "act_quant"):
         meta[key] = {strip_prefix(k): v for k, v in meta[key].items()}
@@ -289,6 +307,7 @@ def _round_layers(
     x: Tensor,
     cfg: QuantConfig,
     progress: bool,
+    checkpoint: Checkpoint,
 ) -> list[LayerResult]:
     if cfg.rounding == "nearest":
         _round_to_nearest(qmodel, plans)
@@ -300,25 +319,29 @@ def _round_layers(
         # inputs="float": both streams are the FP network, and the layers are independent
         source = fp if cfg.inputs == "float" else qmodel
         engine = make_engine(fp, source, list(x.split(FORWARD_BATCH)), names, store)
-        return _reconstruct_each(engine, qmodel, plans, cfg, progress)
+        return _reconstruct_each(engine, qmodel, plans, cfg, progress, checkpoint)
 
 
 def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
                       plans: list[LayerPlan], cfg: QuantConfig,
-                      progress: bool) -> list[LayerResult]:
+                      progress: bool, checkpoint: Checkpoint) -> list[LayerResult]:
     """AdaRound every planned layer in execution order (nearest where it cannot)."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    report: list[LayerResult] = []
+    report: list[LayerResult] = checkpoint.restore(qmodel, generator)
     stacked: list[tuple[str, QuantLayer, Moments]] = []
     for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):
         if plan.info is None or not plan.reconstructable:
             _round_to_nearest(qmodel, [plan])
+            continue
+        if plan.name in checkpoint.done:
             continue
         start = time.perf_counter()
         activation = plan.info.activation if cfg.loss_after_activation else None
         qlayer = qmodel.get_submodule(plan.name)
         xq, target = engine.layer_data(plan.name, activation)
         xq = quantize_layer_input(qlayer, xq)  # x^ includes the layer's activation grid
+        check_finite(plan.name, "inputs", xq)
+        check_finite(plan.name, "FP outputs (targets)", target)
         moments = _layer_moments(engine, plan.name, qlayer, xq, cfg)
         if cfg.inputs == "float" and moments is not None and cfg.loss in ("auto", "quadratic"):
             stacked.append((plan.name, qlayer, moments))  # rounded below, with its likes
@@ -326,13 +349,19 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
         result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                 progress, start, moments)
         del xq, target, moments
+        check_result(result.name, result.loss_nearest, result.loss_adaround)
         report.append(result)
+        checkpoint.record([plan.name], qmodel, generator, report)
         _log_layer(result, plan, qlayer, cfg, activation is not None)
     by_name = {p.name: p for p in plans}
-    for result in round_stacked(stacked, cfg, progress):
+    stacked_results = round_stacked(stacked, cfg, progress)
+    for result in stacked_results:
+        check_result(result.name, result.loss_nearest, result.loss_adaround)
         report.append(result)
         qlayer = qmodel.get_submodule(result.name)
         _log_layer(result, by_name[result.name], qlayer, cfg, False)
+    if stacked_results:
+        checkpoint.record([r.name for r in stacked_results], qmodel, generator, report)
     order = {p.name: i for i, p in enumerate(plans)}
     return sorted(report, key=lambda r: order[r.name])
 

@@ -68,7 +68,7 @@ def collect_calibration(calib: Any, limit: int | None = None) -> Tensor:
     return x
 
 
-def check_model(model: Any) -> None:
+def check_quantizable(model: Any) -> None:
     """Refuse, by name, what `quantize` cannot take: not an nn.Module, a TorchScript or
     torch.export program, weights on the meta device, a model quantized already."""
     if type(model).__name__ == "ExportedProgram":
@@ -77,9 +77,9 @@ def check_model(model: Any) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError("a TorchScript module cannot be quantized: pass the Python nn.Module "
                          "it was scripted or traced from")
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"the model is a {type(model).__name__}, not a torch.nn.Module: pass "
-                         "the network itself (e.g. torchvision.models.resnet18())")
+    from adaround.checks import check_model
+
+    check_model(model)  # an nn.Module, or a message naming what it is
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_meta:
             raise ModelError(f"{name} is on the meta device (no values): load the weights "

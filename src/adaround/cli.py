@@ -1,6 +1,7 @@
 """`adaround` command line: quantize, evaluate, demo, analyze. Thin: arguments -> config -> API.
 
-Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted.
+Exit codes: 0 success, 1 internal error, 2 bad input or usage, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ from torch import Tensor, nn
 from adaround import distributed
 from adaround.allocator import keep_freed_memory
 from adaround.cli_act import act_config_kwargs, add_act_options
+from adaround.cli_checks import (
+    EXIT_TERMINATED,
+    Terminated,
+    UsageError,
+    call_factory,
+    check_args,
+    sigterm_as_interrupt,
+)
 from adaround.config import QuantConfig
 from adaround.errors import AdaRoundError
 from adaround.hf.cli import add_hf_options
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 log = logging.getLogger("adaround")
-
-
-class UsageError(AdaRoundError):
-    """A command-line argument that cannot be used as given."""
 
 
 def load_model(ref: str, weights: str | None) -> nn.Module:
@@ -45,7 +50,7 @@ def load_model(ref: str, weights: str | None) -> nn.Module:
     except AttributeError as exc:
         raise UsageError(f"{module_name} has no attribute {attr!r}: check the model reference")\
             from exc
-    model = factory() if callable(factory) else factory
+    model = call_factory(factory, ref)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{ref} gave a {type(model).__name__}, not a torch.nn.Module")
     if weights:
@@ -100,6 +105,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         if args.model:
             raise UsageError("pass either a model reference or --hf-model, not both")
+        if args.checkpoint:
+            raise UsageError("--checkpoint is not supported with --hf-model yet: drop it")
         return quantize_hf_from_args(args, cfg)
     if not args.model or not args.calib:
         raise UsageError("quantize needs a model reference and --calib (or --hf-model FOLDER "
@@ -108,10 +115,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib, _ = load_data(args, args.calib, args.num_calib, args.calib_offset)
     log.info("calibrating on %d samples of shape %s; %s", len(calib), tuple(calib.shape[1:]), cfg)
     start = time.perf_counter()
-    qmodel = adaround.quantize(model, calib, cfg, progress=not args.quiet)
+    qmodel = adaround.quantize(model, calib, cfg, progress=not args.quiet,
+                               checkpoint_dir=args.checkpoint)
     if distributed.rank() > 0:  # under torchrun: process 0 writes and reports
         return EXIT_OK
     adaround.save(qmodel, args.output)
+    if args.checkpoint:  # the output is safe: the progress file has served
+        from adaround.checkpoint import remove
+
+        remove(args.checkpoint)
     print(f"quantized {len(qmodel.adaround_meta['layers'])} layers in "
           f"{time.perf_counter() - start:.1f}s -> {args.output}")
     if cfg.act_bits is not None:
@@ -190,7 +202,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             name = f"{a.model}_{a.layer or 'model'}_w{a.bits}.png".replace("/", "_")
             print(f"plot -> {plot_qubo_vs_accuracy(a, Path(args.plot_dir) / name)}")
     if args.json:
-        Path(args.json).write_text(json.dumps([a.to_dict() for a in ablations], indent=1))
+        from adaround.io import atomic_write
+
+        text = json.dumps([a.to_dict() for a in ablations], indent=1)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return EXIT_OK
 
 
@@ -290,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "large layers and long runs)")
     q.add_argument("--no-early-stop", action="store_true",
                    help="run every iteration even once the rounding is final")
+    q.add_argument("--checkpoint", metavar="DIR", help="save the progress here after each "
+                   "layer or block; run the same command again to resume an interrupted run "
+                   "(removed once the output is written)")
     add_act_options(q)
     _add_data_options(q)
     add_hf_options(q)
@@ -374,14 +392,18 @@ def _terminal_logging(quiet: bool) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:  # Ctrl-C while starting up ends as quietly as during a run
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        keep_freed_memory()
+        if args.threads and args.threads > 0:  # below 1: refused by check_args
+            torch.set_num_threads(args.threads)
+    except KeyboardInterrupt:
+        print("adaround: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     with distributed.launched_group():  # under torchrun: join its process group
         args.quiet = args.quiet or distributed.rank() > 0  # progress bars from process 0
-        with _terminal_logging(args.quiet):
+        with sigterm_as_interrupt(), _terminal_logging(args.quiet):
             return _run(args)
 
 
@@ -390,6 +412,7 @@ def _run(args: argparse.Namespace) -> int:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[log]):
+            check_args(args)
             return int(args.func(args))
     except (AdaRoundError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"adaround: error: {distributed.where()}{exc}", file=sys.stderr)
@@ -400,6 +423,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("adaround: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("adaround: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as exc:  # a bug: keep the traceback for the report
         log.exception("internal error: %s", exc)
         return EXIT_INTERNAL

@@ -38,6 +38,7 @@ settings (see adaround.act_config); the options left unset take the method's val
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -66,9 +67,12 @@ def short_run_note(cfg: QuantConfig) -> str | None:
             "or run more iterations")
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+
 def _check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{name} must be an integer, got {value!r}: pass a whole number")
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name}={value} is out of range: use a value {bound}")
@@ -81,9 +85,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{name} must be a number, got {value!r}: pass a float")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value} is not a finite number: pass a finite value "
+                          f"{'>= 0' if allow_zero else '> 0'} (the default is the paper's)")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}: pass a "
+                          f"{'non-negative' if allow_zero else 'positive'} value")
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,7 @@ class QuantConfig:
             _check_positive("memory_budget_mb", self.memory_budget_mb)
         _check_int_range("iters", self.iters, 1)
         _check_int_range("batch_size", self.batch_size, 1)
-        _check_int_range("seed", self.seed, 0)
+        _check_int_range("seed", self.seed, 0, SEED_MAX)
         _check_positive("lr", self.lr)
         _check_positive("reg_weight", self.reg_weight, allow_zero=True)
         _check_positive("beta_start", self.beta_start)
@@ -162,18 +170,22 @@ class QuantConfig:
                 f"beta_end={self.beta_end} exceeds beta_start={self.beta_start}: beta is "
                 "annealed from high to low, swap the two values"
             )
+        _check_positive("warm_start", self.warm_start, allow_zero=True)
         if not 0.0 <= self.warm_start < 1.0:
-            raise ConfigError(f"warm_start={self.warm_start} must be in [0, 1)")
+            raise ConfigError(f"warm_start={self.warm_start} must be in [0, 1): use a fraction "
+                              "of the iterations, e.g. 0.2 (the paper's)")
         for name in ("per_channel", "symmetric", "loss_after_activation", "early_stop", "compile",
                      "fold_bn"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}: "
+                                  "pass a bool")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, (value,))
             elif not all(isinstance(p, str) for p in value):
-                raise ConfigError(f"{name} must be a sequence of module-name patterns")
+                raise ConfigError(f"{name} must be a sequence of module-name patterns: pass "
+                                  "strings such as 'layer1.*'")
             else:
                 object.__setattr__(self, name, tuple(value))
         resolve_activation_options(self)

@@ -14,6 +14,7 @@ import torch
 
 from adaround.api import quantize
 from adaround.config import QuantConfig
+from adaround.errors import ConfigError
 from adaround.evaluate import accuracy
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ def run_demo(
     from adaround.data.fashion_mnist import load_fashion_mnist
     from adaround.models.fashion_net import fashion_net
 
+    for name, value in (("iters", iters), ("n_calib", n_calib)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name}={value!r} must be a positive integer: pass 1 or more, "
+                              "or None for the default")
     iters = iters or DEMO_ITERS
     lr = lr or 3 / iters
     n_calib = n_calib or DEMO_CALIB

@@ -25,3 +25,19 @@ class SaveFileError(AdaRoundError):
 
 class ExportError(AdaRoundError):
     """A quantized model cannot be exported as asked (missing package, unmappable layer...)."""
+
+
+class OutputPathError(AdaRoundError):
+    """An output path cannot be written (a directory, under a file, read-only, ...)."""
+
+
+class CheckpointError(AdaRoundError):
+    """A checkpoint directory belongs to another run (model, data or config) or is unusable."""
+
+
+class NumericalError(AdaRoundError):
+    """Activations or losses became NaN/Inf during reconstruction."""
+
+
+class EvaluationError(AdaRoundError):
+    """Evaluation data the model cannot be scored on (labels out of range, wrong shape)."""

@@ -10,10 +10,21 @@ import torch
 from torch import Tensor, nn
 
 from adaround.calibration import model_device
+from adaround.errors import AdaRoundError, EvaluationError
+from adaround.input_stats import warn_if_unlike
 
 __all__ = ["accuracy", "model_device", "predictions"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_labels(y: Tensor, classes: int) -> None:
+    """Refuse labels that no output of a `classes`-way classifier can match."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise EvaluationError(
+            f"labels span {int(y.min())}..{int(y.max())} but the model has {classes} outputs "
+            f"(classes 0..{classes - 1}): pass the labels of this model's classes (a file for "
+            "another task, or 1-based labels?)")
 
 
 @contextmanager
@@ -57,7 +68,16 @@ def _batches(
     with torch.no_grad(), _eval_mode(model):
         for start in starts:
             xb = x[start : start + batch_size].to(device, non_blocking=True)
-            yield start, _logits(model(xb)).float().cpu()
+            try:
+                out = model(xb)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                if isinstance(exc, AdaRoundError):
+                    raise
+                raise EvaluationError(
+                    f"the model rejected inputs of shape {tuple(xb.shape)} ({type(exc).__name__}"
+                    f": {str(exc).splitlines()[0][:200]}); pass inputs shaped and preprocessed "
+                    "as for calibration") from exc
+            yield start, _logits(out).float().cpu()
 
 
 def predictions(
@@ -90,9 +110,11 @@ def accuracy(
     if not ks or ks[0] < 1:
         raise ValueError(f"topk must hold positive integers, got {tuple(topk)}")
     correct = dict.fromkeys(ks, 0)
+    warn_if_unlike(model, x)
     for start, scores in _batches(model, x, batch_size, progress, "evaluate"):
         if scores.ndim != 2:
             raise ValueError(f"expected (batch, classes) model outputs, got {tuple(scores.shape)}")
+        check_labels(y, scores.shape[1])
         if ks[-1] > scores.shape[1]:
             raise ValueError(f"top-{ks[-1]} accuracy needs more than {scores.shape[1]} classes")
         top = scores.topk(ks[-1], dim=1).indices

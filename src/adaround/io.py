@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ from torch import Tensor, nn
 
 from adaround.api import META_ATTR
 from adaround.calibration import model_device
+from adaround.checks import check_model, check_path
 from adaround.config import QuantConfig
 from adaround.errors import SaveFileError
+from adaround.leftovers import sweep, tagged
 from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, apply_folds, swap_in_quant_layers
 
@@ -33,6 +36,7 @@ FORMAT = "adaround-quantized"
 FORMAT_VERSION = 2
 HEADER_KEY = "adaround"
 _PIP = "pip install 'adaround[export]'"
+_UMASK_LOCK = threading.Lock()
 
 
 def _float_weight_keys(qmodel: nn.Module) -> set[str]:
@@ -43,14 +47,34 @@ def _key(module_name: str, leaf: str) -> str:
     return f"{module_name}.{leaf}" if module_name else leaf
 
 
+def _file_mode(target: Path) -> int:
+    """The mode a new file would get from open(): 0666 less the umask; an existing file keeps
+    its own (mkstemp's 0600 would otherwise end up on every output)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        pass
+    with _UMASK_LOCK:  # reading the umask means setting it: keep that window private
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: never a half-written file at `path`."""
-    target = Path(path)
+    """Call `write(tmp_path)`, then rename onto `path`: never a half-written file at `path`.
+
+    A symlink at `path` is written through (its target is replaced, the link stays); the file
+    gets the mode open() would give it; `.tmp` files that killed runs left beside it go first.
+    """
+    target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    prefix = f".{target.name}."
+    sweep(target.parent, prefix, ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=tagged(prefix), suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode(target))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -81,6 +105,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
     Example:
         >>> adaround.save(qmodel, "model.w4.safetensors")  # doctest: +SKIP
     """
+    check_model(qmodel, "qmodel")
+    check_path(path)
     meta = getattr(qmodel, META_ATTR, None)
     if meta is None:
         raise SaveFileError("this module was not produced by adaround.quantize: nothing to save")
@@ -99,6 +125,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
                             "shape": list(module.codes.shape)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "library": __version__,
               "meta": meta, "layers": layers, "sha256": _digest(tensors)}
+    header["header_sha256"] = _header_digest(header)
     metadata = {HEADER_KEY: json.dumps(header)}
     st = _safetensors()
     atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
@@ -113,6 +140,31 @@ def _check_version(path: Path, header: dict[str, Any]) -> None:
             f"{path} has format version {version}, newer than this library reads "
             f"({FORMAT_VERSION}): upgrade adaround"
         )
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    """SHA-256 of the header without its own digest: the tensor checksum does not cover the
+    header, whose bit flips would otherwise surface as a KeyError deep inside `load`."""
+    rest = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_header(path: Path, header: dict[str, Any], packed: bool = True) -> None:
+    """Refuse a header altered after saving (digest, where the file has one: older files
+    do not) or missing what `load` reads."""
+    corrupted = (f"{path} is corrupted (its header was altered after saving): save or copy "
+                 "it again")
+    if "header_sha256" in header and header["header_sha256"] != _header_digest(header):
+        raise SaveFileError(corrupted)
+    meta = header.get("meta")
+    layers = header.get("layers") if packed else {}
+    ok = (isinstance(meta, dict) and isinstance(layers, dict)
+          and isinstance(meta.get("config"), dict) and isinstance(meta.get("folded"), dict)
+          and isinstance(meta.get("layers"), dict)
+          and all(isinstance(i, dict) and {"bits", "signed", "shape"} <= set(i)
+                  for i in layers.values()))
+    if not ok:
+        raise SaveFileError(corrupted)
 
 
 def _read_packed(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -130,15 +182,16 @@ def _read_packed(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise SaveFileError(f"{path} is not a readable adaround file ({exc}); it may be "
                             "truncated or corrupted: save it again") from exc
     _check_version(path, header)
+    _check_header(path, header)
     if header.get("sha256") != _digest(tensors):
         raise SaveFileError(f"{path} is corrupted (its data does not match the checksum in "
                             "its header): save or copy it again")
     for name, info in header["layers"].items():
         key = _key(name, "codes")
-        count = int(torch.Size(info["shape"]).numel())
         try:
+            count = int(torch.Size(info["shape"]).numel())
             codes = unpack_codes(tensors[key], count, info["bits"], info["signed"])
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise SaveFileError(f"{path}: the codes of layer {name!r} cannot be unpacked "
                                 f"({exc}): save the model again") from exc
         tensors[key] = codes.reshape(info["shape"])
@@ -152,6 +205,9 @@ def _read_legacy(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except Exception as exc:
         raise SaveFileError(f"{path} is not a readable adaround file ({exc})") from exc
     _check_version(path, payload)
+    _check_header(path, payload, packed=False)
+    if not isinstance(payload.get("state"), dict):
+        raise SaveFileError(f"{path} is corrupted (no state): save it again")
     return payload, payload["state"]
 
 
@@ -174,9 +230,13 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     Example:
         >>> qmodel = adaround.load("model.w4.safetensors", resnet20())  # doctest: +SKIP
     """
-    header, state = _read(Path(path))
+    check_model(model)
+    header, state = _read(check_path(path))
     meta = header["meta"]
-    cfg = QuantConfig.from_dict(meta["config"])
+    try:
+        cfg = QuantConfig.from_dict(meta["config"])
+    except (TypeError, KeyError) as exc:
+        raise SaveFileError(f"{path} holds an unreadable config ({exc}): save it again") from exc
     qmodel = copy.deepcopy(model).eval()
     try:
         apply_folds(qmodel, meta["folded"])
@@ -186,7 +246,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
             from adaround.nn.act_quant import attach_act_quants
 
             attach_act_quants(qmodel, meta["act_quant"])
-    except (AttributeError, TypeError, RuntimeError) as exc:
+    except (AttributeError, TypeError, RuntimeError, KeyError, IndexError) as exc:
         raise SaveFileError(
             f"{path} does not match this model's architecture ({exc}): pass the model it was "
             "quantized from"

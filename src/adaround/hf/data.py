@@ -98,7 +98,13 @@ def calibration_batches(calib: Any, tokenizer: Any = None, max_length: int = 128
             "strings with a tokenizer, a dict of tensors or an iterable of such dicts")
     if not batches:
         raise CalibrationDataError(EMPTY)
-    return [_check(b) for b in batches]
+    checked = [_check(b) for b in batches]
+    masks = [token_mask(b) for b in checked]
+    if all(m is not None for m in masks) and not any(bool(m.any()) for m in masks if m is not None):
+        raise CalibrationDataError("every attention_mask is all zero: there is no real token to "
+                                   "calibrate on; pass masks with 1 at real tokens (what the "
+                                   "tokenizer returns)")
+    return checked
 
 
 def token_mask(batch: Batch) -> Tensor | None:

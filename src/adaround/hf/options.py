@@ -48,6 +48,23 @@ class HFOptions:
         for name in ("embeddings", "head", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.device is not None:
+            check_device(self.device)
+
+
+def check_device(device: Any) -> None:
+    """Refuse a device string torch does not know, or a GPU this machine lacks."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"device={device!r} is not a torch device ({exc}): use 'cpu', "
+                          "'cuda' or 'cuda:N'") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here (torch "
+                          f"{torch.__version__}, CPU build or no GPU visible): leave device unset "
+                          "or use 'cpu'")
 
 
 @dataclass(frozen=True)

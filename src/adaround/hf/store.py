@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from adaround.leftovers import make_spill_folder
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class Budget:
 
     def new_file(self) -> Path:
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="adaround-spill-", dir=self.parent))
+            self.folder = make_spill_folder(self.parent)
             log.info("cached activations over the %.0f MB budget spill to %s",
                      (self.limit or 0) / 2**20, self.folder)
         self.files += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from adaround.leftovers import make_spill_folder
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class SpillStore:
 
     def __init__(self, budget_bytes: int, directory: str | None = None) -> None:
         self.budget = budget_bytes
-        self.dir = Path(tempfile.mkdtemp(prefix="adaround-spill-", dir=directory))
+        self.dir = make_spill_folder(directory)
         self.count = 0
         self.spilled_bytes = 0
 

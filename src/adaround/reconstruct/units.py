@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from adaround.blocks import Unit, discover_blocks, named_blocks, plan_units
+from adaround.checkpoint import Checkpoint
 from adaround.config import QuantConfig
+from adaround.guards import check_finite, check_result
 from adaround.prepare import LayerPlan
 from adaround.reconstruct.block import BlockResult, reconstruct_unit
 from adaround.reconstruct.block_data import fisher_weights
@@ -53,7 +55,8 @@ def _describe(result: BlockResult, cfg: QuantConfig, bits: dict[str, int]) -> st
 
 
 def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[LayerPlan],
-                x: Tensor, cfg: QuantConfig, progress: bool = False) -> list[BlockResult]:
+                x: Tensor, cfg: QuantConfig, progress: bool = False,
+                checkpoint: Checkpoint | None = None) -> list[BlockResult]:
     """Reconstruct every unit; layers that cannot be reconstructed are rounded to nearest."""
     for plan in plans:
         if not plan.reconstructable:
@@ -67,21 +70,27 @@ def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[Laye
     bits = {p.name: p.bits for p in plans}
     chunks = list(x.split(FORWARD_BATCH))
     generator = torch.Generator().manual_seed(cfg.seed)
-    report: list[BlockResult] = []
+    checkpoint = checkpoint or Checkpoint(None, fp, x, cfg)
+    report: list[BlockResult] = checkpoint.restore(qmodel, generator)
     with budget_store(cfg.memory_budget_mb) as store:
         engine = make_engine(fp, qmodel, chunks, [u.name for u in units], store,
                              blocks=frozenset(u.name for u in blocks))
         for unit in tqdm(units, desc="units", unit="unit", disable=not progress):
+            if unit.name in checkpoint.done:
+                continue
             start = time.perf_counter()
             info = infos.get(unit.name)
             activation = (info.activation if unit.kind == "layer" and info is not None
                           and cfg.loss_after_activation else None)
             inputs = engine.unit_inputs(unit.name)
             target = engine.unit_target(unit.name, activation)
+            check_finite(unit.name, "FP outputs (targets)", target)
             weights = fisher_weights(fp, unit.name, chunks) if cfg.fisher else None
             result = reconstruct_unit(unit, qmodel, inputs, target, activation, weights, cfg,
                                       generator, progress, start)
             del inputs, target, weights
+            check_result(unit.name, result.loss_nearest, result.loss_adaround)
             report.append(result)
+            checkpoint.record([unit.name], qmodel, generator, report)
             log.info("%s", _describe(result, cfg, bits))
     return report
