@@ -24,6 +24,12 @@ layer-wise path of `quantize` splits its work; with one process nothing here run
   the gradients are summed by all-reduce, so every process takes the same step: the 1-process
   step up to the order of the float additions.
 
+- Blocks (BRECQ, learned activation steps; `BatchSplit`): as the sampled loss, the regulariser's
+  gradient added after the sum. QDrop (masks drawn per batch) and Fisher weights (normalised
+  over all data) are not split: every process runs them whole, the same result.
+- `quantize_hf`: each process holds a contiguous run of the calibration batches; the token
+  rows of a layer enter the moments or the sampled loss as above (`round_hf_layer`).
+
 Bit for bit: CPU element-wise kernels compute the last (size mod 32) elements of a tensor on a
 scalar path and the rest in vector registers, and sigmoid or exp2 differ in the last bit
 between the two. A process therefore steps its channels inside a window of the flattened
