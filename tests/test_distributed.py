@@ -109,7 +109,13 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
             except distributed.DistributedError as exc:
                 Path(out, "error.txt").write_text(str(exc))
             return
-        results = {name: _run(name) for name in CONFIGS}
+        results: dict = {name: _run(name) for name in CONFIGS}
+        model, x = _model_and_data()
+        try:  # resuming across processes is not built: refused, not silently wrong
+            adaround.quantize(model, x, adaround.QuantConfig(iters=10), checkpoint_dir=out)
+            results["checkpoint"] = "accepted"
+        except adaround.ConfigError as exc:
+            results["checkpoint"] = str(exc)
         torch.save(results, Path(out, f"rank{rank}.pt"))
     finally:
         if mode != "fail":
@@ -147,6 +153,11 @@ def test_two_processes_give_the_one_process_codes(name: str, two_processes: dict
     # every process holds the same whole model
     for k in two_processes[0][name][0]:
         assert torch.equal(two_processes[0][name][0][k], two_processes[1][name][0][k])
+
+
+def test_a_checkpoint_is_refused_across_processes(two_processes: dict) -> None:
+    for rank in range(2):
+        assert "not supported across processes" in two_processes[rank]["checkpoint"]
 
 
 def test_a_process_that_leaves_stops_the_others(tmp_path: Path) -> None:
