@@ -7,13 +7,14 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adaround import input_stats
+from adaround import distributed, input_stats
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import (
@@ -33,7 +34,7 @@ from adaround.equivalence import (
     relative_error,
     run_outputs,
 )
-from adaround.errors import CalibrationDataError, ModelError
+from adaround.errors import CalibrationDataError, ConfigError, ModelError
 from adaround.guards import check_finite, check_input_scale, check_result, open_checkpoint
 from adaround.inputs import IndexedInputs, Structured, collect_structured, strip_prefix
 from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
@@ -200,6 +201,9 @@ def quantize(
             "pass more samples (hundreds) or lower batch_size"
         )
     check_input_scale(x)
+    if checkpoint_dir is not None and distributed.active():
+        raise ConfigError("checkpoint_dir is not supported across processes yet (torchrun): "
+                          "run without it (--checkpoint), or in one process")
     checkpoint = open_checkpoint(checkpoint_dir, model, x, cfg)
     fp, trace, folded = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
@@ -209,7 +213,11 @@ def quantize(
         calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)
         log.info("%s", describe_convention(cfg, trace.names()))
     if cfg.rounding == "adaround" and uses_unit_loop(cfg):  # blocks, QDrop, learned steps
-        report = round_units(fp, qmodel, trace, plans, x, cfg, progress, checkpoint)
+        if distributed.active() and distributed.splits_units(cfg):
+            report = distributed.round_units(fp, qmodel, trace, plans, x, cfg, progress)
+        else:
+            distributed.not_split("reconstruction with QDrop or Fisher weights")
+            report = round_units(fp, qmodel, trace, plans, x, cfg, progress, checkpoint)
     else:
         report = _round_layers(fp, qmodel, plans, x, cfg, progress, checkpoint)
     qmodel.eval()
@@ -256,9 +264,11 @@ def _round_to_nearest(qmodel: nn.Module, plans: list[LayerPlan]) -> None:
 
 
 def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLayer,
-                   x: Tensor, cfg: QuantConfig) -> Moments | None:
+                   x: Tensor, cfg: QuantConfig,
+                   accumulate: Callable[..., Moments] = accumulate_moments) -> Moments | None:
     """The moments of the layer's inputs where cfg.loss asks for them and the layer allows
-    (for "auto": where a quadratic step costs less than a sampled one)."""
+    (for "auto": where a quadratic step costs less than a sampled one); `accumulate` sums
+    them (over this process's shard and all-reduced, in adaround.distributed)."""
     if cfg.loss == "sampled":
         return None
     if not supports_quadratic(qlayer.layer):
@@ -272,7 +282,7 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
             if quadratic_cost >= sampled_cost:
                 return None
         chunks = ((quantize_layer_input(qlayer, xq), xf) for xq, xf in engine.input_chunks(name))
-        return accumulate_moments(qlayer.layer, chunks)
+        return accumulate(qlayer.layer, chunks)
     except UnfoldError as exc:
         log.info("%s: %s; using the sampled loss", name, exc)
         return None
@@ -302,6 +312,8 @@ def _round_layers(
     if cfg.rounding == "nearest":
         _round_to_nearest(qmodel, plans)
         return []
+    if distributed.active():  # in a process group: data and rows split across processes
+        return distributed.round_layers(fp, qmodel, plans, x, cfg, progress)
     names = [p.name for p in plans if p.reconstructable]
     with budget_store(cfg.memory_budget_mb) as store:
         # inputs="float": both streams are the FP network, and the layers are independent

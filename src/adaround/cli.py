@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from adaround import distributed
 from adaround.allocator import keep_freed_memory
 from adaround.cli_act import act_config_kwargs, add_act_options
 from adaround.cli_checks import (
@@ -119,6 +120,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     qmodel = adaround.quantize(model, calib, cfg, progress=not args.quiet,
                                checkpoint_dir=args.checkpoint)
+    if distributed.rank() > 0:  # under torchrun: process 0 writes and reports
+        return EXIT_OK
     adaround.save(qmodel, args.output)
     if args.checkpoint:  # the output is safe: the progress file has served
         from adaround.checkpoint import remove
@@ -420,6 +423,8 @@ def _terminal_logging(quiet: bool) -> Iterator[None]:
     saved = log.handlers[:], log.level, log.propagate
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if distributed.rank() > 0:  # under torchrun: logs from process 0, errors from any
+        log.setLevel(logging.ERROR)
     log.propagate = False
     try:
         yield
@@ -439,8 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("adaround: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    with sigterm_as_interrupt(), _terminal_logging(args.quiet):
-        return _run(args)
+    with distributed.launched_group():  # under torchrun: join its process group
+        args.quiet = args.quiet or distributed.rank() > 0  # progress bars from process 0
+        with sigterm_as_interrupt(), _terminal_logging(args.quiet):
+            return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -451,8 +458,11 @@ def _run(args: argparse.Namespace) -> int:
             check_args(args)
             return int(args.func(args))
     except (AdaRoundError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"adaround: error: {exc}", file=sys.stderr)
+        print(f"adaround: error: {distributed.where()}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except distributed.DistributedError as exc:
+        print(f"adaround: error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("adaround: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -6,6 +6,7 @@ import argparse
 import logging
 import time
 
+from adaround import distributed
 from adaround.config import QuantConfig
 from adaround.errors import AdaRoundError
 
@@ -56,6 +57,8 @@ def quantize_hf_from_args(args: argparse.Namespace, cfg: QuantConfig) -> int:
     start = time.perf_counter()
     qmodel = quantize_hf(model, sentences, cfg, opts, tokenizer=tokenizer,
                          progress=not args.quiet)
+    if distributed.rank() > 0:  # under torchrun: process 0 writes and reports
+        return 0
     adaround.save(qmodel, args.output)
     if getattr(args, "hf_compressed", None):
         from adaround.hf.checkpoint import save_compressed

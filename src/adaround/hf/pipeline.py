@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from adaround import distributed
 from adaround.api import META_ATTR, REPORT_ATTR
 from adaround.calibration import check_finite_weights, model_device
 from adaround.config import QuantConfig, short_run_note
@@ -99,6 +100,9 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
         log.info("offload=True keeps the blocks not in use on the CPU; running on the CPU, "
                  "that changes nothing")
     batches = calibration_batches(calib, tokenizer, opts.max_length, opts.forward_batch)
+    if distributed.active():  # in a process group: each process holds a run of batches
+        batches = distributed.shard_items(batches)
+        progress = progress and distributed.rank() == 0
     batches = [to_device(b, device) for b in batches]
     masks = [token_mask(b) for b in batches]
     qmodel = copy.deepcopy(model).eval()
@@ -227,6 +231,14 @@ def _layer_rows(block: nn.Module, qlayer: QuantLayer, calls: list[BlockCall],
 def _round(name: str, qlayer: QuantLayer, x_q: list[Tensor], x_fp: list[Tensor],
            activation: Any, cfg: QuantConfig, generator: torch.Generator, progress: bool,
            begin: float) -> LayerResult:
+    if distributed.active():  # data rows on each process, the layer's rows split
+        result = distributed.round_hf_layer(name, qlayer, x_q, x_fp, activation, cfg,
+                                            generator, progress, begin)
+        if distributed.rank() == 0:
+            log.info("%s (W%d): loss nearest %.4g -> adaround %.4g, %d/%d steps on the %s loss",
+                     name, qlayer.bits, result.loss_nearest, result.loss_adaround,
+                     result.iters, cfg.iters, result.objective)
+        return result
     moments = None
     if cfg.loss != "sampled":  # "auto" too: a sampled batch of token rows sees little data
         moments = accumulate_moments(qlayer.layer, zip(x_q, x_fp))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,9 @@ from adaround.primitives import (
 )
 from adaround.reconstruct.block_data import UnitInputs, first_tensor
 from adaround.reconstruct.loop import EarlyStop
+
+if TYPE_CHECKING:
+    from adaround.distributed import BatchSplit
 
 EVAL_SAMPLES = 1024
 EVAL_CHUNK = 256
@@ -119,8 +123,8 @@ class UnitObjective:
         return err.sum(dim=self.channel_dim).mean()
 
     @torch.no_grad()
-    def evaluate(self, params: dict[str, Tensor]) -> float:
-        count = min(self.inputs.count, EVAL_SAMPLES)
+    def evaluate(self, params: dict[str, Tensor], limit: int = EVAL_SAMPLES) -> float:
+        count = min(self.inputs.count, limit)
         total = 0.0
         for start in range(0, count, EVAL_CHUNK):
             part = slice(start, min(start + EVAL_CHUNK, count))
@@ -155,8 +159,10 @@ def _reconstructing(act_quants: list[ActQuant], cfg: QuantConfig,
 
 def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
               objective: UnitObjective, cfg: QuantConfig, generator: torch.Generator,
-              progress: bool, desc: str) -> int:
-    """Adam on V (and the activation steps); returns the steps run."""
+              progress: bool, desc: str, split: BatchSplit | None = None) -> int:
+    """Adam on V (and the activation steps); returns the steps run. With `split` (in a
+    process group), the batches hold global sample indices, each process computes the loss
+    gradient on its part and the gradients are summed (adaround.distributed)."""
     with _reconstructing(act_quants, cfg, generator) as scales:
         if not roundings and not scales:
             return 0
@@ -166,20 +172,26 @@ def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
         act_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(act_opt, cfg.iters)
                      if act_opt is not None else None)
         stop = EarlyStop() if cfg.early_stop and roundings and not scales else None
-        count, batch = objective.inputs.count, min(cfg.batch_size, objective.inputs.count)
+        count = objective.inputs.count if split is None else split.total
+        batch = min(cfg.batch_size, count)
         device = objective.target.device
         for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
             idx = torch.randint(count, (batch,), generator=generator).to(device)
             hs = [rectified_sigmoid(r.v) for r in roundings]
+            if split is not None:
+                idx = split.local(idx)
             loss = objective.loss({r.key: r.soft(h) for r, h in zip(roundings, hs)}, idx)
             beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
                            cfg.beta_decay)
-            if beta is not None and hs:
-                loss = loss + cfg.reg_weight * sum(round_regularizer(h, beta) for h in hs)
+            reg = (cfg.reg_weight * sum(round_regularizer(h, beta) for h in hs)
+                   if beta is not None and hs else None)
             for o in (opt, act_opt):
                 if o is not None:
                     o.zero_grad(set_to_none=True)
-            loss.backward()
+            if split is not None:
+                split.backward(loss, len(idx) / batch, reg, [r.v for r in roundings] + scales)
+            else:
+                (loss if reg is None else loss + reg).backward()
             for o in (opt, act_opt, act_sched):
                 if o is not None:
                     o.step()
@@ -199,7 +211,7 @@ def _relative(unit: Unit, layer: str) -> str:
 def reconstruct_unit(unit: Unit, qmodel: nn.Module, inputs: UnitInputs, target: Tensor,
                      activation: Callable[[Tensor], Tensor] | None, weights: Tensor | None,
                      cfg: QuantConfig, generator: torch.Generator, progress: bool = False,
-                     start: float | None = None) -> BlockResult:
+                     start: float | None = None, split: BatchSplit | None = None) -> BlockResult:
     """Optimise the rounding of the unit's layers (and its activation steps), store the hard
     codes, and report the unit's output loss with nearest and learned rounding."""
     start = time.perf_counter() if start is None else start
@@ -212,10 +224,11 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, inputs: UnitInputs, target: 
     nearest = {r.key: dequantize(c, r.qlayer.weight_scale(), r.qlayer.weight_zero_point())
                for r, c in zip(roundings, nearest_codes)}
     objective = UnitObjective(qunit, inputs, target, activation, qlayers[-1].channel_dim, weights)
-    loss_nearest = objective.evaluate(nearest)
+    evaluate = objective.evaluate if split is None else split.evaluator(objective)
+    loss_nearest = evaluate(nearest)
     step_start = time.perf_counter()
     steps = _optimise(roundings, list(act_quants.values()), objective, cfg, generator, progress,
-                      unit.name)
+                      unit.name, split)
     step_seconds = time.perf_counter() - step_start
     flipped = total = 0
     for r, codes in zip(roundings, nearest_codes):
@@ -225,7 +238,7 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, inputs: UnitInputs, target: 
         r.qlayer.set_codes(hard)
     return BlockResult(
         name=unit.name, kind=unit.kind, layers=unit.layers, loss_nearest=loss_nearest,
-        loss_adaround=objective.evaluate({}), flipped=flipped / max(total, 1), iters=steps,
+        loss_adaround=evaluate({}), flipped=flipped / max(total, 1), iters=steps,
         seconds=time.perf_counter() - start, step_seconds=step_seconds,
         act_ranges={n: ActRange(aq.bits, aq.signed, scales_start[n], float(aq.scale))
                     for n, aq in act_quants.items()},

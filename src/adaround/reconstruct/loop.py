@@ -170,6 +170,16 @@ def make_objective(qlayer: QuantLayer, x: Tensor, target: Tensor,
     return Objective(sampled, QuadraticLoss(qlayer, moments), int(cfg.warm_start * cfg.iters))
 
 
+@dataclass(frozen=True)
+class Share:
+    """One process's share of a layer's rounding (adaround.distributed): the elements of the
+    flattened weight it owns, and `total`, which sums a count over all processes, so that the
+    early stop is decided for the whole layer, identically everywhere."""
+
+    owned: slice
+    total: Callable[[Tensor], Tensor]
+
+
 class EarlyStop:
     """Says stop once every h(V) has been exactly 0 or 1 at every step of the last STOP_WINDOW.
 
@@ -180,18 +190,23 @@ class EarlyStop:
     STOP_CHECK steps only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, share: Share | None = None) -> None:
         self.soft: Tensor | None = None
         self.binary_since: int | None = None
+        self.share = share
 
     def update(self, step: int, h: Tensor) -> bool:
         at_check = (step + 1) % STOP_CHECK == 0
         if self.binary_since is None and not at_check:
             return False
+        if self.share is not None:
+            h = h.reshape(-1)[self.share.owned]
         soft = ((h > 0) & (h < 1)).sum()
         self.soft = soft if self.soft is None else self.soft + soft
         if not at_check:
             return False
+        if self.share is not None:
+            self.soft = self.share.total(self.soft)
         binary, self.soft = self.soft.item() == 0, None
         if not binary:
             self.binary_since = None
@@ -284,15 +299,17 @@ def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
 @torch.no_grad()
 def round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                   objective: Objective, cfg: QuantConfig, progress: bool = False,
-                  desc: str = "") -> tuple[Tensor, int]:
-    """The loop of `run_rounding` on any weight tensor (also a stack of several layers').
+                  desc: str = "", share: Share | None = None) -> tuple[Tensor, int]:
+    """The loop of `run_rounding` on any weight tensor (also a stack of several layers', or one
+    process's share of a layer's: `share`).
 
     The chain from the loss to V is written out (dL/dW~ from the loss, then through the grid
     clip, h(V) and the regularizer): the same gradient autograd computes (tested), at a third
     of the per-step cost on small layers, where the step is dominated by Python and op launches.
     """
     with gpu_matmul_precision(w.device), step_threads(w):
-        return _round_weights(w, scale, zero_point, qmin, qmax, objective, cfg, progress, desc)
+        return _round_weights(w, scale, zero_point, qmin, qmax, objective, cfg, progress, desc,
+                              share)
 
 
 SMALL_STEP = 50_000  # weights below which a CPU step runs on one thread
@@ -332,11 +349,11 @@ def gpu_matmul_precision(device: torch.device) -> Iterator[None]:
 
 def _round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                    objective: Objective, cfg: QuantConfig, progress: bool,
-                   desc: str) -> tuple[Tensor, int]:
+                   desc: str, share: Share | None = None) -> tuple[Tensor, int]:
     w_floor, w0, s_live = grid_constants(w, scale, zero_point, qmin, qmax)
     v = init_v(w / scale - w_floor)
     adam = Adam(v, cfg.lr)
-    stop = EarlyStop() if cfg.early_stop else None
+    stop = EarlyStop(share) if cfg.early_stop else None
     steps_run = cfg.iters
     relax, chain = step_functions(cfg.compile)
     for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):

@@ -186,6 +186,18 @@ def accumulate_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]
     A = U U^T from the quantized stream's patch columns U; r and c from w . e, which the
     layer's own convolution computes on e = x^ - x without unfolding the FP stream.
     """
+    sums, count = moment_sums(layer, chunks)
+    if not sums:
+        raise ValueError("no calibration data reached the layer")
+    return finish_moments(layer, sums, count)
+
+
+@torch.no_grad()
+def moment_sums(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]
+                ) -> tuple[list[Tensor], int]:
+    """The float64 sums over positions of U U^T, (w . e) U^T and (w . e)^2, and the count of
+    positions: what `finish_moments` averages (sums over samples, so shards of the data can
+    add theirs; an empty list where no data came)."""
     w = weight_rows(layer, layer.weight.detach())
     dtype = torch.promote_types(w.dtype, torch.float32)
     w = w.to(dtype)
@@ -203,8 +215,12 @@ def accumulate_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]
             sums = [t.double() + s for t, s in zip(terms, sums)] if sums else [
                 t.double() for t in terms]
             count += u.shape[2]
-    if not sums:
-        raise ValueError("no calibration data reached the layer")
+    return sums, count
+
+
+def finish_moments(layer: nn.Module, sums: list[Tensor], count: int) -> Moments:
+    """The moments from the sums of `moment_sums` over `count` positions."""
+    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
     a, r, c = (s.div(count).to(dtype) for s in sums)
     return Moments(a=(a + a.transpose(1, 2)) / 2, r=r, c=c, count=count)
 

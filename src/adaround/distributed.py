@@ -1,0 +1,499 @@
+"""AdaRound inside a torch.distributed process group: the 1-process codes on N processes.
+
+Inside an initialised process group of more than one process (`torchrun`, which the command
+line joins, or the caller's own `init_process_group`; gloo on CPUs, NCCL on GPUs), the
+layer-wise path of `quantize` splits its work; with one process nothing here runs.
+
+- Data: the calibration inputs are cut into chunks of FORWARD_BATCH samples exactly as in one
+  process, and process r of N holds the contiguous run of chunks [r n / N, (r + 1) n / N) of
+  the n chunks (`shard`). Both streams (FP and quantized) advance on that shard only, so each
+  process caches 1/N of the activations and runs 1/N of the forward passes.
+- Quadratic loss (`round_rows`): the moments are sums over samples. Each process sums its
+  shard in float64 (the same float32 terms as one process, chunk for chunk), the sums are
+  all-reduced and divided by the global count: every process holds the 1-process moments (up
+  to the order of the float64 additions, below float32's resolution). The loss plus the
+  regulariser separate over output channels and Adam is element-wise, so process r rounds the
+  output channels [r C / N, (r + 1) C / N) (whole groups for grouped convolutions) with no
+  communication during the steps except the early-stop count (one scalar all-reduce every
+  STOP_CHECK steps, so the layer stops at the step it stops at in one process). The codes are
+  then summed by all-reduce (each process fills its rows, zeros elsewhere), so every process
+  holds the whole quantized layer before the next one.
+- Sampled loss (`ShardSampledLoss`): every process draws the same batches, global sample
+  indices from the generator seeded as in one process; each computes the gradient of the part
+  of the batch it holds, weighted by its share of the batch (the 1-process normalisation), and
+  the gradients are summed by all-reduce, so every process takes the same step: the 1-process
+  step up to the order of the float additions.
+
+- Blocks (BRECQ, learned activation steps; `BatchSplit`): as the sampled loss, the regulariser's
+  gradient added after the sum. QDrop (masks drawn per batch) and Fisher weights (normalised
+  over all data) are not split: every process runs them whole, the same result.
+- `quantize_hf`: each process holds a contiguous run of the calibration batches; the token
+  rows of a layer enter the moments or the sampled loss as above (`round_hf_layer`).
+
+Bit for bit: CPU element-wise kernels compute the last (size mod 32) elements of a tensor on a
+scalar path and the rest in vector registers, and sigmoid or exp2 differ in the last bit
+between the two. A process therefore steps its channels inside a window of the flattened
+weight aligned to ALIGN elements of the whole layer (its few extra elements are stepped and
+dropped), so every weight takes the path it takes in one process. With one thread per process
+the quadratic path gives the 1-process codes exactly (tests/test_distributed.py).
+
+Failures: a process that dies makes the others' next collective fail (gloo: the connection
+closes; any backend: the process group's timeout); that error is re-raised as
+`DistributedError`, which names the process. `torchrun` also stops the others as soon as one
+exits with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from adaround.config import QuantConfig
+from adaround.errors import CalibrationDataError
+from adaround.nn.act_quant import quantize_layer_input
+from adaround.nn.quant_layer import QuantLayer, apply_layer
+from adaround.primitives import dequantize, reconstruction_loss
+from adaround.reconstruct.loop import (
+    EVAL_SAMPLES,
+    LayerResult,
+    Objective,
+    QuadraticLoss,
+    SampledLoss,
+    Share,
+    fast_layout,
+    layer_loss,
+    moment_loss,
+    round_weights,
+    run_rounding,
+)
+from adaround.reconstruct.quadratic import Moments, finish_moments, moment_sums, weight_rows
+from adaround.reconstruct.spill import budget_store
+from adaround.reconstruct.stream import make_engine
+
+if TYPE_CHECKING:
+    from adaround.prepare import LayerPlan
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64  # elements: a multiple of every CPU vector loop's stride (2 x 16 floats)
+GROUP_TIMEOUT = timedelta(minutes=30)  # a collective waiting longer fails (command line)
+
+
+class DistributedError(RuntimeError):
+    """A collective operation failed: another process died, raised or timed out."""
+
+
+def active() -> bool:
+    """Inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def all_sum(t: Tensor) -> Tensor:
+    """Sum `t` (contiguous) over all processes, in place; a failure names this process."""
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    except Exception as exc:  # noqa: BLE001 - gloo and NCCL raise RuntimeError subclasses
+        raise DistributedError(
+            f"process {rank()} of {world()}: a collective operation failed ({type(exc).__name__}:"
+            f" {str(exc).splitlines()[0][:200]}); another process probably failed or was "
+            "stopped: see its log") from exc
+    return t
+
+
+def where() -> str:
+    """"process r of N: " inside a process group, "" outside (for messages)."""
+    return f"process {rank()} of {world()}: " if active() else ""
+
+
+@contextmanager
+def launched_group() -> Iterator[None]:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1, RANK,
+    MASTER_ADDR, MASTER_PORT) on gloo, the command line computing on CPUs, and leave it at
+    the end; without torchrun (or inside a group already), nothing."""
+    if (int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available()
+            or dist.is_initialized()):
+        yield
+        return
+    dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def not_split(what: str) -> None:
+    """Say (once, from process 0) that `what` runs whole on every process."""
+    if active() and rank() == 0:
+        log.warning("%s is not split across processes yet: each of the %d processes runs all of "
+                    "it (the same result as one process, no speed-up)", what, world())
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's calibration chunks, and where its samples sit among all samples."""
+
+    chunks: list[Tensor]
+    offset: int  # global index of the shard's first sample
+    count: int  # samples held here
+    total: int  # samples over all processes
+
+
+def shard_items(items: list[Any], what: str = "calibration batches") -> list[Any]:
+    """Process r's contiguous run of `items` (balanced: counts differ by at most one)."""
+    n, r, w = len(items), rank(), world()
+    if n < w:
+        raise CalibrationDataError(
+            f"the {what} are {n}, fewer than the {w} processes: pass more data (or smaller "
+            "batches) or run fewer processes")
+    return items[n * r // w:n * (r + 1) // w]
+
+
+def shard(chunks: list[Tensor]) -> Shard:
+    """Process r's contiguous run of the calibration chunks, and where it sits."""
+    lo = len(chunks) * rank() // world()
+    mine = shard_items(chunks, f"calibration chunks of at most {len(chunks[0])} samples")
+    return Shard(mine, sum(len(c) for c in chunks[:lo]), sum(len(c) for c in mine),
+                 sum(len(c) for c in chunks))
+
+
+def rows_shard(count: int, device: torch.device) -> Shard:
+    """Where this process's `count` rows sit among all processes' (process order)."""
+    counts = torch.zeros(world(), dtype=torch.float64, device=device)
+    counts[rank()] = count
+    counts = all_sum(counts).tolist()
+    return Shard([], int(sum(counts[:rank()])), count, int(sum(counts)))
+
+
+@torch.no_grad()
+def shared_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]) -> Moments:
+    """The moments of all processes' data: shard sums, all-reduced, over the global count."""
+    sums, count = moment_sums(layer, chunks)
+    if not sums:
+        raise ValueError("no calibration data reached the layer")
+    for s in sums:
+        all_sum(s)
+    total = all_sum(torch.tensor([float(count)], dtype=torch.float64, device=sums[0].device))
+    return finish_moments(layer, sums, int(total.item()))
+
+
+def owned_rows(c_out: int, groups: int, r: int, w: int) -> tuple[int, int]:
+    """The output channels [lo, hi) process r of w rounds: a balanced contiguous run of
+    channels, of whole groups for grouped convolutions (a group shares one moment matrix)."""
+    if groups == 1:
+        return c_out * r // w, c_out * (r + 1) // w
+    per = c_out // groups
+    return per * (groups * r // w), per * (groups * (r + 1) // w)
+
+
+class RowsLoss:
+    """The quadratic loss of rows [lo, hi) of a layer, on a window of its flattened weight
+    that starts `at` elements before row lo: the gradient 2 (dw A + r) of those rows, zero on
+    the window's extra elements (stepped, then dropped)."""
+
+    def __init__(self, layer: nn.Module, moments: Moments, lo: int, hi: int, at: int,
+                 size: int) -> None:
+        rows = weight_rows(layer, layer.weight.detach())  # [groups, C_out / groups, d]
+        if rows.shape[0] == 1:
+            self.w, self.a, self.r = rows[:, lo:hi], moments.a, moments.r[:, lo:hi]
+        else:
+            per = rows.shape[1]
+            self.w, self.a, self.r = (t[lo // per:hi // per] for t in (rows, moments.a, moments.r))
+        self.w, self.r = self.w.contiguous(), self.r.contiguous()
+        self.at = at
+        # one gradient buffer, reused by every step (the step consumes it before the next):
+        # zero on the window's extra elements, the rows' gradient written in place
+        self.grad = self.w.new_zeros(size)
+        self.rows = self.grad[at:at + self.w.numel()].view(self.w.shape)
+
+    def weight_grad(self, weight: Tensor) -> Tensor:
+        own = weight[self.at:self.at + self.w.numel()].view(self.w.shape)
+        torch.baddbmm(self.r, own - self.w, self.a, out=self.rows).mul_(2)
+        return self.grad
+
+    def skip(self, steps: int) -> None:
+        pass
+
+
+@torch.no_grad()
+def round_rows(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, progress: bool = False,
+               desc: str = "") -> tuple[Tensor, int]:
+    """This process's channels rounded on the quadratic loss, the codes of all channels
+    gathered: (codes shaped as the weight, steps run), the same on every process."""
+    weight = qlayer.layer.weight.detach()
+    owned, codes, steps_run = round_share(qlayer, moments, cfg, rank(), world(), all_sum,
+                                          progress, desc)
+    full = weight.new_zeros(weight.numel())
+    full[owned] = codes
+    return all_sum(full).reshape(weight.shape), steps_run
+
+
+def round_share(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, r: int, w: int,
+                total: Callable[[Tensor], Tensor], progress: bool = False, desc: str = ""
+                ) -> tuple[slice, Tensor, int]:
+    """Process r of w's share: (its elements of the flattened weight, their codes, steps run);
+    `total` sums the early-stop count over the processes."""
+    weight = qlayer.layer.weight.detach()
+    c_out, n = weight.shape[0], weight.numel()
+    length = n // max(c_out, 1)
+    lo, hi = owned_rows(c_out, getattr(qlayer.layer, "groups", 1), r, w)
+    # the window: the elements of rows [lo, hi), widened to multiples of ALIGN of the layer
+    start = lo * length // ALIGN * ALIGN
+    stop = n if hi * length == n else min(n, -(-hi * length // ALIGN) * ALIGN)
+    if lo == hi:
+        start = stop = lo * length
+    owned = slice(lo * length - start, hi * length - start)
+
+    def window(t: Tensor) -> Tensor:
+        return t.expand_as(weight).reshape(-1)[start:stop]
+
+    objective = Objective(RowsLoss(qlayer.layer, moments, lo, hi, owned.start, stop - start))
+    codes, steps_run = round_weights(
+        window(weight), window(qlayer.weight_scale()), window(qlayer.weight_zero_point()),
+        qlayer.qmin, qlayer.qmax, objective, cfg, progress, desc, Share(owned, total))
+    return slice(lo * length, hi * length), codes[owned], steps_run
+
+
+class ShardSampledLoss(SampledLoss):
+    """The sampled loss with the data split across processes: batches drawn as global sample
+    indices (the 1-process draws), each process's part of the batch weighted by its share of
+    the batch, the gradients summed over processes."""
+
+    def __init__(self, qlayer: QuantLayer, x: Tensor, target: Tensor,
+                 activation: Callable[[Tensor], Tensor] | None, batch_size: int,
+                 generator: torch.Generator, part: Shard) -> None:
+        super().__init__(qlayer, x, target, activation, batch_size, generator)
+        self.batch_size = min(batch_size, part.total)
+        self.offset, self.total, self.count = part.offset, part.total, part.count
+
+    def _draw(self, count: int) -> Tensor:
+        return torch.randint(self.total, (count,), generator=self.generator)
+
+    def _local_loss(self, idx: Tensor, weight: Tensor) -> Tensor:
+        if isinstance(self.x, Tensor):
+            batch = self.x[idx.to(self.x.device)]
+        else:  # spilled to disk: the batch in the layout the cached tensor would have had
+            batch = fast_layout(self.x[idx])
+        out = apply_layer(self.layer, batch, weight)
+        if self.activation is not None:
+            out = self.activation(out)
+        loss = reconstruction_loss(out, self.target[idx.to(self.target.device)],
+                                   self.channel_dim)
+        return loss * (len(idx) / self.batch_size)
+
+    def weight_grad(self, weight: Tensor) -> Tensor:
+        idx = self._draw(self.batch_size) - self.offset
+        idx = idx[(idx >= 0) & (idx < self.count)]
+        if len(idx):
+            with torch.enable_grad():
+                leaf = weight.detach().requires_grad_(True)
+                grad = torch.autograd.grad(self._local_loss(idx, leaf), leaf)[0].contiguous()
+        else:
+            grad = torch.zeros_like(weight)
+        return all_sum(grad)
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError("ShardSampledLoss gives gradients only (weight_grad)")
+
+
+def shared_loss(qlayer: QuantLayer, weight: Tensor, x: Tensor, target: Tensor,
+                activation: Callable[[Tensor], Tensor] | None, part: Shard) -> float:
+    """`layer_loss` on the first EVAL_SAMPLES samples of all processes (as in one process)."""
+    keep = max(0, min(part.count, EVAL_SAMPLES - part.offset))
+    local = layer_loss(qlayer, weight, x[:keep], target[:keep], activation) if keep else 0.0
+    sums = all_sum(torch.tensor([local * keep, float(keep)], dtype=torch.float64,
+                                device=weight.device))
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def adaround_layer(name: str, qlayer: QuantLayer, x: Tensor, target: Tensor,
+                   activation: Callable[[Tensor], Tensor] | None, cfg: QuantConfig,
+                   generator: torch.Generator, progress: bool, start: float,
+                   moments: Moments | None, part: Shard) -> LayerResult:
+    """`adaround.reconstruct.adaround_layer` with the work split across processes."""
+    begin = time.perf_counter()
+    nearest = qlayer.nearest_codes()
+    if moments is not None and cfg.loss in ("quadratic", "auto"):
+        codes, steps_run = round_rows(qlayer, moments, cfg, progress, name)
+    else:
+        sampled = ShardSampledLoss(qlayer, x, target, activation, cfg.batch_size, generator,
+                                   part)
+        objective = (Objective(sampled) if moments is None or cfg.loss == "sampled" else
+                     Objective(sampled, QuadraticLoss(qlayer, moments),
+                               int(cfg.warm_start * cfg.iters)))
+        codes, steps_run = run_rounding(qlayer, objective, cfg, progress, name)
+    step_seconds = time.perf_counter() - begin
+    qlayer.set_codes(codes)
+    weight_nearest = dequantize(nearest, qlayer.weight_scale(), qlayer.weight_zero_point())
+    return LayerResult(
+        name=name,
+        loss_nearest=shared_loss(qlayer, weight_nearest, x, target, activation, part),
+        loss_adaround=shared_loss(qlayer, qlayer.quantized_weight(), x, target, activation,
+                                  part),
+        flipped=(codes != nearest).float().mean().item(),
+        iters=steps_run,
+        seconds=time.perf_counter() - start,
+        objective="sampled" if moments is None else cfg.loss.replace("auto", "quadratic"),
+        data_seconds=begin - start,
+        step_seconds=step_seconds,
+        measured="after activation" if activation is not None else "layer output",
+        objective_nearest=None if moments is None else moment_loss(qlayer, moments,
+                                                                    weight_nearest),
+        objective_adaround=None if moments is None else moment_loss(
+            qlayer, moments, qlayer.quantized_weight()),
+    )
+
+
+def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Tensor,
+                 cfg: QuantConfig, progress: bool) -> list[LayerResult]:
+    """`adaround.api._round_layers` across the processes of the group: data sharded, rows
+    split (quadratic loss) or gradients summed (sampled loss); progress and logs from process
+    0. With inputs="float", the layers are rounded one by one (the same codes as stacked)."""
+    from adaround import api  # api imports this module
+
+    progress = progress and rank() == 0
+    names = [p.name for p in plans if p.reconstructable]
+    part = shard(list(x.split(api.FORWARD_BATCH)))
+    if rank() == 0:
+        log.info("%d processes: process 0 holds %d of %d calibration samples", world(),
+                 part.count, part.total)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    report: list[LayerResult] = []
+    with budget_store(cfg.memory_budget_mb) as store:
+        source = fp if cfg.inputs == "float" else qmodel
+        engine = make_engine(fp, source, part.chunks, names, store)
+        for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):
+            if plan.info is None or not plan.reconstructable:
+                api._round_to_nearest(qmodel, [plan])
+                continue
+            start = time.perf_counter()
+            activation = plan.info.activation if cfg.loss_after_activation else None
+            qlayer: Any = qmodel.get_submodule(plan.name)
+            xq, target = engine.layer_data(plan.name, activation)
+            xq = quantize_layer_input(qlayer, xq)
+            moments = api._layer_moments(engine, plan.name, qlayer, xq, cfg, shared_moments)
+            result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
+                                    progress, start, moments, part)
+            del xq, target, moments
+            report.append(result)
+            if rank() == 0:
+                api._log_layer(result, plan, qlayer, cfg, activation is not None)
+    return report
+
+
+class BatchSplit:
+    """Block reconstruction across processes: every process draws the same batches of global
+    sample indices, keeps those of its shard, and the gradients of the loss on them (weighted
+    by their share of the batch) are summed over processes before the regulariser's gradient,
+    the same everywhere, is added; so every process takes the same step."""
+
+    def __init__(self, part: Shard) -> None:
+        self.offset, self.count, self.total = part.offset, part.count, part.total
+
+    def local(self, idx: Tensor) -> Tensor:
+        """The batch's samples held here, as indices into this process's shard."""
+        idx = idx - self.offset
+        return idx[(idx >= 0) & (idx < self.count)]
+
+    def backward(self, loss: Tensor, share: float, reg: Tensor | None,
+                 params: list[Tensor]) -> None:
+        """Fill every param's .grad: share * d loss (summed over processes) + d reg."""
+        if share > 0:
+            (loss * share).backward(retain_graph=reg is not None)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_sum(p.grad)
+        if reg is not None:
+            reg.backward()
+
+    def evaluator(self, objective: Any) -> Callable[[dict[str, Tensor]], float]:
+        """The unit's loss on the first EVAL_SAMPLES samples of all processes."""
+        keep = max(0, min(self.count, EVAL_SAMPLES - self.offset))
+
+        def evaluate(params: dict[str, Tensor]) -> float:
+            local = objective.evaluate(params, keep) if keep else 0.0
+            sums = all_sum(torch.tensor([local * keep, float(keep)], dtype=torch.float64,
+                                        device=objective.target.device))
+            return (sums[0] / sums[1].clamp(min=1)).item()
+
+        return evaluate
+
+
+def splits_units(cfg: QuantConfig) -> bool:
+    """Block reconstruction splits its batches across processes unless QDrop (its random
+    masks are drawn per batch) or the Fisher weights (normalised over all data) are on."""
+    return cfg.qdrop is None and not cfg.fisher
+
+
+def round_units(fp: nn.Module, qmodel: nn.Module, trace: Any, plans: list[LayerPlan],
+                x: Tensor, cfg: QuantConfig, progress: bool) -> list[Any]:
+    """`adaround.reconstruct.units.round_units` across the processes of the group: data
+    sharded, each batch's gradient summed over processes; progress and logs from process 0."""
+    from adaround.reconstruct import units
+    from adaround.reconstruct.block import reconstruct_unit
+
+    progress = progress and rank() == 0
+    for plan in plans:
+        if not plan.reconstructable:
+            qlayer: Any = qmodel.get_submodule(plan.name)
+            qlayer.set_codes(qlayer.nearest_codes())
+    all_units = units.units_of(fp, trace, plans, x, cfg)
+    blocks = [u for u in all_units if u.kind == "block"]
+    infos = {p.name: p.info for p in plans}
+    bits = {p.name: p.bits for p in plans}
+    part = shard(list(x.split(units.FORWARD_BATCH)))
+    split = BatchSplit(part)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    report = []
+    with budget_store(cfg.memory_budget_mb) as store:
+        engine = make_engine(fp, qmodel, part.chunks, [u.name for u in all_units], store,
+                             blocks=frozenset(u.name for u in blocks))
+        for unit in tqdm(all_units, desc="units", unit="unit", disable=not progress):
+            start = time.perf_counter()
+            info = infos.get(unit.name)
+            activation = (info.activation if unit.kind == "layer" and info is not None
+                          and cfg.loss_after_activation else None)
+            inputs = engine.unit_inputs(unit.name)
+            target = engine.unit_target(unit.name, activation)
+            result = reconstruct_unit(unit, qmodel, inputs, target, activation, None, cfg,
+                                      generator, progress, start, split)
+            del inputs, target
+            report.append(result)
+            if rank() == 0:
+                log.info("%s", units._describe(result, cfg, bits))
+    return report
+
+
+def round_hf_layer(name: str, qlayer: QuantLayer, x_q: list[Tensor], x_fp: list[Tensor],
+                   activation: Callable[[Tensor], Tensor] | None, cfg: QuantConfig,
+                   generator: torch.Generator, progress: bool, begin: float) -> LayerResult:
+    """`quantize_hf`'s layer across processes: each holds the token rows of its batches."""
+    from adaround.reconstruct.cache import layer_target
+
+    moments = None
+    if cfg.loss != "sampled":
+        moments = shared_moments(qlayer.layer, zip(x_q, x_fp))
+    xq = torch.cat(x_q)
+    target = layer_target(qlayer.layer, torch.cat(x_fp), activation)
+    part = rows_shard(xq.shape[0], xq.device)
+    return adaround_layer(name, qlayer, xq, target, activation, cfg, generator,
+                          progress and rank() == 0, begin, moments, part)

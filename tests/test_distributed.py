@@ -1,0 +1,251 @@
+"""Two processes on gloo (127.0.0.1 only) give the codes one process gives.
+
+Each test spawns 2 processes of one thread each; the 1-process reference runs here, on one
+thread too (bit-for-bit equality needs the same thread count: a multi-threaded element-wise
+kernel splits its tensor at other places)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import tiny_models
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny_models import TinyResNet, randomize_bn
+from torch import nn
+
+import adaround
+from adaround import distributed
+from adaround.nn.quant_layer import QuantLayer
+from adaround.primitives import hard_codes
+from adaround.reconstruct import loop
+from adaround.reconstruct.quadratic import accumulate_moments
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+CONFIGS = {
+    # quadratic loss everywhere: rows split, early stop decided over all rows
+    "quadratic": dict(weight_bits=3, per_channel=True, iters=500, lr=0.1, reg_weight=0.3,
+                      loss="quadratic"),
+    # the paper's sampled loss: batches split, gradients all-reduced
+    "sampled": dict(weight_bits=3, iters=60, lr=3e-2, loss="sampled", batch_size=32),
+    # BRECQ: blocks and learned activation steps, batches split, gradients all-reduced
+    "brecq": dict(weight_bits=3, act_bits=4, method="brecq", iters=40, lr=3e-2),
+}
+
+
+HF_CONFIGS = {  # run where transformers is installed
+    "hf_quadratic": dict(iters=100, lr=3e-2, loss="quadratic", per_channel=True),
+    "hf_sampled": dict(iters=40, lr=5e-2, loss="sampled", per_channel=True),
+}
+try:
+    import transformers  # noqa: F401
+    CONFIGS.update(HF_CONFIGS)
+except ImportError:
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_and_data() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = randomize_bn(TinyResNet())
+    x = torch.randn(320, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return model, x  # 320 samples: chunks of 128, 128, 64 -> shards of 128 and 192
+
+
+def _codes(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.codes.clone() for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+
+
+def _run(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    if name.startswith("hf_"):
+        return _run_hf(name)
+    model, x = _model_and_data()
+    qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]))
+    return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
+
+
+def _run_hf(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A tiny random Llama, block by block (quantize_hf): 4 batches of padded sentences."""
+    import transformers
+
+    from adaround.hf import HFOptions, quantize_hf
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (32, 10), generator=g)
+    mask = torch.ones_like(ids)
+    for i, k in enumerate(torch.randint(3, 11, (32,), generator=g).tolist()):
+        mask[i, k:], ids[i, k:] = 0, 0
+    qmodel = quantize_hf(model, {"input_ids": ids, "attention_mask": mask},
+                         adaround.QuantConfig(**HF_CONFIGS[name]), HFOptions(forward_batch=8))
+    return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
+
+
+def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        if mode == "fail":
+            if rank == 1:
+                return  # leaves without a word: process 0 must fail, not hang
+            try:
+                _run("quadratic")
+            except distributed.DistributedError as exc:
+                Path(out, "error.txt").write_text(str(exc))
+            return
+        results: dict = {name: _run(name) for name in CONFIGS}
+        model, x = _model_and_data()
+        try:  # resuming across processes is not built: refused, not silently wrong
+            adaround.quantize(model, x, adaround.QuantConfig(iters=10), checkpoint_dir=out)
+            results["checkpoint"] = "accepted"
+        except adaround.ConfigError as exc:
+            results["checkpoint"] = str(exc)
+        torch.save(results, Path(out, f"rank{rank}.pt"))
+    finally:
+        if mode != "fail":
+            dist.destroy_process_group()
+
+
+def _spawn(tmp: Path, mode: str) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp), mode), nprocs=2, join=True)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    tmp = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _spawn(tmp, "codes")
+    return {r: torch.load(tmp / f"rank{r}.pt") for r in range(2)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_processes_give_the_one_process_codes(name: str, two_processes: dict) -> None:
+    reference, iters = _run(name)
+    for rank in range(2):
+        codes, dist_iters = two_processes[rank][name]
+        assert codes.keys() == reference.keys()
+        differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
+        total = sum(c.numel() for c in codes.values())
+        if name in ("quadratic", "hf_quadratic"):  # rows split: bit for bit, same steps
+            assert differ == 0, f"rank {rank}: {differ} of {total} codes differ"
+            assert dist_iters == iters
+            if name == "quadratic":  # the shared early stop was exercised
+                assert min(iters) < CONFIGS[name]["iters"]
+        else:  # gradients summed in another order: a few codes may differ
+            assert dist_iters == iters
+            assert differ <= 0.01 * total, f"rank {rank}: {differ} of {total} codes differ"
+    # every process holds the same whole model
+    for k in two_processes[0][name][0]:
+        assert torch.equal(two_processes[0][name][0][k], two_processes[1][name][0][k])
+
+
+def test_a_checkpoint_is_refused_across_processes(two_processes: dict) -> None:
+    for rank in range(2):
+        assert "not supported across processes" in two_processes[rank]["checkpoint"]
+
+
+def test_a_process_that_leaves_stops_the_others(tmp_path: Path) -> None:
+    _spawn(tmp_path, "fail")
+    message = (tmp_path / "error.txt").read_text()
+    assert "process 0 of 2" in message and "another process" in message
+
+
+@pytest.mark.parametrize("c_out, groups", [(16, 1), (7, 1), (24, 24), (30, 5), (2, 2)])
+def test_rows_split_into_contiguous_runs_of_whole_groups(c_out: int, groups: int) -> None:
+    for w in (1, 2, 3, 8):
+        runs = [distributed.owned_rows(c_out, groups, r, w) for r in range(w)]
+        assert runs[0][0] == 0 and runs[-1][1] == c_out
+        assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(runs, runs[1:]))
+        if groups > 1:  # whole groups: a group shares one moment matrix
+            assert all(lo % (c_out // groups) == 0 for lo, _ in runs)
+
+
+LAYERS = [  # (layer, input shape): rows whose boundaries fall off the CPU vector stride
+    (nn.Linear(300, 100), (64, 300)),
+    (nn.Conv2d(20, 30, 3, groups=5), (16, 20, 8, 8)),
+    (nn.Conv2d(24, 24, 3, padding=1, groups=24), (16, 24, 8, 8)),  # depthwise
+]
+
+
+@pytest.mark.parametrize("index", range(len(LAYERS)))
+def test_each_share_steps_its_weights_bit_for_bit_as_the_whole_layer(
+        index: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only the codes: V itself, after every step, equals the 1-process V (it would not
+    without the ALIGN windows: the last elements of a tensor take a scalar path)."""
+    layer, shape = LAYERS[index]
+    torch.manual_seed(index)
+    qlayer = QuantLayer(layer, 3, True, True)
+    qlayer.fit_grid("mse")
+    x = torch.randn(shape)
+    moments = accumulate_moments(layer, [(x + 0.1 * torch.randn(shape), x)])
+    final_v: list[torch.Tensor] = []
+
+    def keep_v(w_floor: torch.Tensor, v: torch.Tensor, *args: object) -> torch.Tensor:
+        final_v.append(v.reshape(-1).clone())
+        return hard_codes(w_floor, v, *args)
+
+    monkeypatch.setattr(loop, "hard_codes", keep_v)
+    cfg = adaround.QuantConfig(weight_bits=3, per_channel=True, iters=120, lr=1e-2,
+                               early_stop=False)
+    whole = loop.run_rounding(qlayer, loop.Objective(loop.QuadraticLoss(qlayer, moments)),
+                              cfg)[0].reshape(-1)
+    for r in range(2):
+        owned, codes, _ = distributed.round_share(qlayer, moments, cfg, r, 2, lambda t: t)
+        start = owned.start // distributed.ALIGN * distributed.ALIGN
+        v = final_v[-1][owned.start - start:owned.stop - start]
+        assert torch.equal(v, final_v[0][owned]), f"share {r}: V differs from the whole layer's"
+        assert torch.equal(codes, whole[owned])
+
+
+def test_torchrun_command_line_writes_the_one_process_file(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m adaround quantize ...`: one file, from process 0, with
+    the 1-process codes; each layer logged once."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from adaround.cli import main
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.integers(0, 256, (320, 8, 8, 3), dtype=np.uint8),
+             y=rng.integers(0, 4, 320))
+    args = ["quantize", "tiny_models:tiny_resnet", "--calib", str(data), "--num-calib", "320",
+            "--bits", "3", "--per-channel", "--loss", "quadratic", "--iters", "300",
+            "--lr", "0.02"]
+    assert main(["-q", *args, "-o", str(tmp_path / "one.pt")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                           *[p for p in sys.path if p.endswith("src")],
+                                           os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "-m", "adaround", "--threads", "1", *args, "-o", str(tmp_path / "two.pt")],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("quantized 5 layers") == 1
+    assert run.stderr.count("block.conv1 (W3") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "one.pt", "two.pt"]
+    one = adaround.load(tmp_path / "one.pt", tiny_models.tiny_resnet())
+    two = adaround.load(tmp_path / "two.pt", tiny_models.tiny_resnet())
+    assert _codes(one).keys() == _codes(two).keys()
+    for name, codes in _codes(one).items():
+        assert torch.equal(codes, _codes(two)[name]), name
