@@ -248,3 +248,18 @@ def test_a_list_of_single_samples_gets_the_fix() -> None:
     samples = list(_images(8))  # [3, 12, 12] each: concatenated to [24, 12, 12]
     with pytest.raises(adaround.AdaRoundError, match=r"torch.stack"):
         adaround.quantize(WeightReader().eval(), samples, W8)
+
+
+def test_fold_within_the_networks_own_float_noise_is_accepted(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Inception v3 (random weights, 96x96) folds exactly yet misses 1e-4 by float32 rounding
+    alone: a rewrite passes within NOISE_FACTOR of the error one-ulp parameter changes give.
+    With the fixed tolerance at 0 here, only that noise test can accept a fold."""
+    import adaround.api as api
+
+    monkeypatch.setattr(api, "TOLERANCE", 0.0)
+    model, x = norm_act_net(), _images()
+    _, _, folded = prepare_float(model, x, W8)
+    assert folded == {"stem": "bn1", "conv2": "bn2"}  # accepted as float noise
+    with caplog.at_level(logging.WARNING, logger="adaround.api"):
+        _, _, folded = prepare_float(unfoldable_norm_net(), x, W8)
+    assert "bn" not in folded.values() and "left unfolded" in caplog.text  # O(1): still caught

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # Folding changes the order of float operations; on deep networks that leaves relative
 # output errors of about 1e-7..1e-6. A real change of the network is orders larger.
 TOLERANCE = 1e-4
+# Deep networks amplify float32 rounding: where a rewrite misses TOLERANCE, it still passes
+# within this factor of the network's own noise (its error under one-ulp parameter changes).
+NOISE_FACTOR = 4.0
 CHECK_SAMPLES = 8
 
 

@@ -145,10 +145,13 @@ def plan_layers(model: nn.Module, trace: Trace, cfg: QuantConfig) -> list[LayerP
     """Layers to quantize with their bit width, in execution order (unused layers last)."""
     candidates = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     if not candidates:
-        others = sorted({type(m).__name__ for m in model.modules()
-                         if isinstance(getattr(m, "weight", None), nn.Parameter)
-                         and m.weight.dim() >= 2})
-        seen = f" (its layers with weights: {', '.join(others[:6])})" if others else ""
+        weighted = [(n, type(m).__name__) for n, m in model.named_modules()
+                    if isinstance(getattr(m, "weight", None), nn.Parameter)
+                    and m.weight.dim() >= 2]
+        kinds = sorted({k for _, k in weighted})
+        first = next((f"{n} ({k})" for n, k in weighted if k != "Embedding"), None)
+        seen = f" (its layers with weights: {', '.join(kinds[:6])}" if kinds else ""
+        seen += f"; the first is {first})" if first and seen else (")" if seen else "")
         raise ModelError(
             f"{type(model).__name__} has no quantizable layer{seen}: adaround quantizes "
             "Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear modules (functional convolutions "

@@ -168,8 +168,12 @@ def export_float_graph(model: nn.Module, example_input: ExampleInput,
                               input_names=in_names, output_names=out_names, dynamic_axes=axes,
                               do_constant_folding=True)
     except Exception as exc:
-        raise ExportError(f"exporting the model failed ({type(exc).__name__}: {exc}); check "
-                          "that example_input is shaped as the model expects") from exc
+        fix = "check that example_input is shaped as the model expects"
+        if "scaled_dot_product_attention" in str(exc):  # torch.onnx's TorchScript exporter
+            fix = ("build the model with attn_implementation=\"eager\" (the exporter has no "
+                   "grouped-query scaled_dot_product_attention), quantize and export again")
+        raise ExportError(f"exporting the model failed ({type(exc).__name__}: {exc}); "
+                          f"{fix}") from exc
     proto = onnx.load_from_string(buffer.getvalue())
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):

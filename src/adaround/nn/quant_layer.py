@@ -88,7 +88,6 @@ class QuantLayer(nn.Module):
         if not isinstance(layer, WRAPPABLE):
             raise TypeError(f"cannot quantize {type(layer).__name__}")
         _check_groups(layer, group_size)
-        self.layer = layer
         self.bits = bits
         self.symmetric = symmetric
         self.group_size = group_size
@@ -104,6 +103,9 @@ class QuantLayer(nn.Module):
         self.mode = "float"
         # fake quantization of this layer's input (an ActQuant, nn/act_quant.py), or None
         self.act_quant: nn.Module | None = None
+        # last: until then attribute look-ups must not reach the wrapped layer's attributes
+        # (timm's ScaledStdConv2d has a float `scale`, which made register_buffer refuse)
+        self.layer = layer
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapped layer has (`weight`, `bias`, `in_channels`, `stride`, ...)
