@@ -8,8 +8,9 @@ seconds per stage, and its class: correct, refused (an AdaRoundError), WRONG (no
 error above threshold) or CRASH (a raw exception). For WRONG models the first module whose output
 differs (forward hooks, execution order) is recorded.
 
-Needs timm, torchvision, transformers, onnx, onnxruntime (a separate venv, see BENCHMARKS.md).
-Run it against a chosen adaround with PYTHONPATH, e.g.:
+Needs timm, torchvision, transformers, onnx, onnxruntime in a separate venv (torch 2.14.1 with
+torchvision 0.29.1; CI has none of them and never imports this file). Run it against a chosen
+adaround checkout with PYTHONPATH (the installed one does not matter), e.g.:
 
     OMP_NUM_THREADS=1 PYTHONPATH=/work/main/src /work/zoo-venv/bin/python bench/zoo.py \
         --threads 1 --out bench/results/zoo.jsonl
