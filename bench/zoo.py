@@ -420,19 +420,27 @@ def table(files: list[str]) -> None:
         for line in Path(file).read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                recs[r["model"]] = r  # a later line for the same model replaces the earlier
-    head = ["model", "source", "class", *(c for c, _ in COLUMNS), "s (AdaRound)", "note"]
+                prev = recs.get(r["model"])  # a later line for the same model replaces it,
+                if prev and "w4_adaround_rel_err" not in r and "w4_adaround_rel_err" in prev:
+                    for key in ("w4_adaround_rel_err", "w4_nearest_rel_err"):  # except a W4
+                        r.setdefault(key, prev.get(key))  # stage it skipped: kept, with its
+                    r["w4_from"] = prev.get("adaround_commit", "?")  # commit in the note
+                recs[r["model"]] = r
+    head = ["model", "source", "class", *(c for c, _ in COLUMNS), "s (AdaRound)", "commit",
+            "note"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     counts = dict.fromkeys(CLASSES, 0)
     for r in recs.values():
         r["class"], r["reason"] = classify(r)  # with this version's thresholds
         counts[r["class"]] += 1
         note = r["reason"][:120].replace("|", "/").replace("\n", " ")
+        if r.get("w4_from"):
+            note += f" (W4 at {r['w4_from']})"
         diff = r.get("first_diff_prepared") or r.get("first_diff_w8")
         if diff:
             note += f"; first diff `{diff['module']}` ({diff['class']})"
         cells = [r["model"], r["source"], r["class"], *(_fmt(r.get(k)) for _, k in COLUMNS),
-                 _seconds(r), note]
+                 _seconds(r), r.get("adaround_commit", "?"), note]
         print("| " + " | ".join(cells) + " |")
     n = len(recs)
     shown = ", ".join(f"{k}: {v}" for k, v in counts.items() if v or k in CLASSES[:4])
