@@ -35,7 +35,7 @@ _NEUTRAL = ("memory_budget_mb",)
 
 
 def tensor_digest(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+    """SHA-256 over names, dtypes, shapes and bytes, in name order (also the saved file's)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()

@@ -63,7 +63,7 @@ from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
 from adaround.nn.act_quant import quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer, apply_layer
-from adaround.primitives import dequantize, reconstruction_loss
+from adaround.primitives import reconstruction_loss
 from adaround.reconstruct.loop import (
     EVAL_SAMPLES,
     LayerResult,
@@ -73,7 +73,7 @@ from adaround.reconstruct.loop import (
     Share,
     fast_layout,
     layer_loss,
-    moment_loss,
+    layer_result,
     round_weights,
     run_rounding,
 )
@@ -342,24 +342,9 @@ def adaround_layer(name: str, qlayer: QuantLayer, x: Tensor, target: Tensor,
         codes, steps_run = run_rounding(qlayer, objective, cfg, progress, name)
     step_seconds = time.perf_counter() - begin
     qlayer.set_codes(codes)
-    weight_nearest = dequantize(nearest, qlayer.weight_scale(), qlayer.weight_zero_point())
-    return LayerResult(
-        name=name,
-        loss_nearest=shared_loss(qlayer, weight_nearest, x, target, activation, part),
-        loss_adaround=shared_loss(qlayer, qlayer.quantized_weight(), x, target, activation,
-                                  part),
-        flipped=(codes != nearest).float().mean().item(),
-        iters=steps_run,
-        seconds=time.perf_counter() - start,
-        objective="sampled" if moments is None else cfg.loss.replace("auto", "quadratic"),
-        data_seconds=begin - start,
-        step_seconds=step_seconds,
-        measured="after activation" if activation is not None else "layer output",
-        objective_nearest=None if moments is None else moment_loss(qlayer, moments,
-                                                                    weight_nearest),
-        objective_adaround=None if moments is None else moment_loss(
-            qlayer, moments, qlayer.quantized_weight()),
-    )
+    return layer_result(name, qlayer, codes, nearest, steps_run, cfg, moments, activation,
+                        lambda w: shared_loss(qlayer, w, x, target, activation, part),
+                        (start, begin, step_seconds))
 
 
 def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Tensor,
@@ -469,9 +454,7 @@ def round_units(fp: nn.Module, qmodel: nn.Module, trace: Any, plans: list[LayerP
                              blocks=frozenset(u.name for u in blocks))
         for unit in tqdm(all_units, desc="units", unit="unit", disable=not progress):
             start = time.perf_counter()
-            info = infos.get(unit.name)
-            activation = (info.activation if unit.kind == "layer" and info is not None
-                          and cfg.loss_after_activation else None)
+            activation = units.unit_activation(unit, infos.get(unit.name), cfg)
             inputs = engine.unit_inputs(unit.name)
             target = engine.unit_target(unit.name, activation)
             result = reconstruct_unit(unit, qmodel, inputs, target, activation, None, cfg,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from adaround.api import META_ATTR
 from adaround.calibration import model_device
+from adaround.checkpoint import tensor_digest
 from adaround.checks import check_model, check_path
 from adaround.config import QuantConfig
 from adaround.errors import SaveFileError
@@ -81,16 +82,6 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
         raise
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of every tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _safetensors() -> Any:
     try:
         import safetensors.torch
@@ -124,7 +115,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> None:
             layers[name] = {"bits": module.bits, "signed": module.symmetric,
                             "shape": list(module.codes.shape)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "library": __version__,
-              "meta": meta, "layers": layers, "sha256": _digest(tensors)}
+              "meta": meta, "layers": layers, "sha256": tensor_digest(tensors)}
     header["header_sha256"] = _header_digest(header)
     metadata = {HEADER_KEY: json.dumps(header)}
     st = _safetensors()
@@ -183,7 +174,7 @@ def _read_packed(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
                             "truncated or corrupted: save it again") from exc
     _check_version(path, header)
     _check_header(path, header)
-    if header.get("sha256") != _digest(tensors):
+    if header.get("sha256") != tensor_digest(tensors):
         raise SaveFileError(f"{path} is corrupted (its data does not match the checksum in "
                             "its header): save or copy it again")
     for name, info in header["layers"].items():

@@ -416,11 +416,25 @@ def adaround_layer(
     step_seconds = time.perf_counter() - begin
     qlayer.set_codes(codes)
     xs, ts = x[:EVAL_SAMPLES], target[:EVAL_SAMPLES]
+    return layer_result(name, qlayer, codes, nearest, steps_run, cfg, moments, activation,
+                        lambda w: layer_loss(qlayer, w, xs, ts, activation),
+                        (start, begin, step_seconds))
+
+
+def layer_result(name: str, qlayer: QuantLayer, codes: Tensor, nearest: Tensor,
+                 steps_run: int, cfg: QuantConfig, moments: Moments | None,
+                 activation: Callable[[Tensor], Tensor] | None,
+                 loss_of: Callable[[Tensor], float],
+                 times: tuple[float, float, float]) -> LayerResult:
+    """What a layer's rounding achieved: nearest and AdaRound on the same loss (`loss_of` a
+    weight), and on the optimised quadratic one where moments were used. `times`: the
+    perf_counter readings at the start and at the first step, and the seconds of the steps."""
+    start, begin, step_seconds = times
     weight_nearest = dequantize(nearest, qlayer.weight_scale(), qlayer.weight_zero_point())
     return LayerResult(
         name=name,
-        loss_nearest=layer_loss(qlayer, weight_nearest, xs, ts, activation),
-        loss_adaround=layer_loss(qlayer, qlayer.quantized_weight(), xs, ts, activation),
+        loss_nearest=loss_of(weight_nearest),
+        loss_adaround=loss_of(qlayer.quantized_weight()),
         flipped=(codes != nearest).float().mean().item(),
         iters=steps_run,
         seconds=time.perf_counter() - start,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from adaround.reconstruct.block import BlockResult, reconstruct_unit
 from adaround.reconstruct.block_data import fisher_weights
 from adaround.reconstruct.spill import budget_store
 from adaround.reconstruct.stream import make_engine
-from adaround.trace import Trace
+from adaround.trace import LayerInfo, Trace
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,14 @@ def _describe(result: BlockResult, cfg: QuantConfig, bits: dict[str, int]) -> st
             + (f"; activations {acts}" if acts else ""))
 
 
+def unit_activation(unit: Unit, info: LayerInfo | None,
+                    cfg: QuantConfig) -> Callable[[Tensor], Tensor] | None:
+    """The activation a unit's loss includes: a single layer's following one, if asked."""
+    if unit.kind == "layer" and info is not None and cfg.loss_after_activation:
+        return info.activation
+    return None
+
+
 def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[LayerPlan],
                 x: Tensor, cfg: QuantConfig, progress: bool = False,
                 checkpoint: Checkpoint | None = None) -> list[BlockResult]:
@@ -79,9 +88,7 @@ def round_units(fp: nn.Module, qmodel: nn.Module, trace: Trace, plans: list[Laye
             if unit.name in checkpoint.done:
                 continue
             start = time.perf_counter()
-            info = infos.get(unit.name)
-            activation = (info.activation if unit.kind == "layer" and info is not None
-                          and cfg.loss_after_activation else None)
+            activation = unit_activation(unit, infos.get(unit.name), cfg)
             inputs = engine.unit_inputs(unit.name)
             target = engine.unit_target(unit.name, activation)
             check_finite(unit.name, "FP outputs (targets)", target)
