@@ -88,6 +88,7 @@ def prepare_float(model: nn.Module, x: Tensor, cfg: QuantConfig) -> tuple[nn.Mod
     """
     xb = x[:CHECK_SAMPLES]
     reference: list[Tensor] | None = None
+    noise: float | None = None  # the network's own, measured once where first needed
     keep: set[str] = set()
     while True:
         fp = float_copy(model)
@@ -99,7 +100,9 @@ def prepare_float(model: nn.Module, x: Tensor, cfg: QuantConfig) -> tuple[nn.Mod
             return fp, trace, folded
         trace = _trace(fp, x)
         error = relative_error(reference, _outputs(fp, xb))
-        if error <= TOLERANCE or error <= NOISE_FACTOR * float_noise(model, reference, xb):
+        if error > TOLERANCE and noise is None:
+            noise = float_noise(model, reference, xb)
+        if error <= TOLERANCE or error <= NOISE_FACTOR * (noise or 0.0):
             log.debug("prepared float network equals the model (relative error %.2g)", error)
             return fp, trace, folded
         diff = first_difference(float_copy(model), fp, xb, skip=set(folded))

@@ -62,8 +62,7 @@ from tqdm.auto import tqdm
 from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
 from adaround.nn.act_quant import quantize_layer_input
-from adaround.nn.quant_layer import QuantLayer, apply_layer
-from adaround.primitives import reconstruction_loss
+from adaround.nn.quant_layer import QuantLayer
 from adaround.reconstruct.loop import (
     EVAL_SAMPLES,
     LayerResult,
@@ -71,7 +70,6 @@ from adaround.reconstruct.loop import (
     QuadraticLoss,
     SampledLoss,
     Share,
-    fast_layout,
     layer_loss,
     layer_result,
     round_weights,
@@ -288,16 +286,7 @@ class ShardSampledLoss(SampledLoss):
         return torch.randint(self.total, (count,), generator=self.generator)
 
     def _local_loss(self, idx: Tensor, weight: Tensor) -> Tensor:
-        if isinstance(self.x, Tensor):
-            batch = self.x[idx.to(self.x.device)]
-        else:  # spilled to disk: the batch in the layout the cached tensor would have had
-            batch = fast_layout(self.x[idx])
-        out = apply_layer(self.layer, batch, weight)
-        if self.activation is not None:
-            out = self.activation(out)
-        loss = reconstruction_loss(out, self.target[idx.to(self.target.device)],
-                                   self.channel_dim)
-        return loss * (len(idx) / self.batch_size)
+        return self.batch_loss(idx, weight) * (len(idx) / self.batch_size)
 
     def weight_grad(self, weight: Tensor) -> Tensor:
         idx = self._draw(self.batch_size) - self.offset

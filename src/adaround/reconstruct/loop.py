@@ -102,7 +102,10 @@ class SampledLoss:
         return torch.randint(self.x.shape[0], (count,), generator=self.generator)
 
     def __call__(self, weight: Tensor) -> Tensor:
-        idx = self._draw(self.batch_size)
+        return self.batch_loss(self._draw(self.batch_size), weight)
+
+    def batch_loss(self, idx: Tensor, weight: Tensor) -> Tensor:
+        """The loss of `weight` on the cached samples `idx`."""
         if isinstance(self.x, Tensor):
             batch = self.x[idx.to(self.x.device)]
         else:  # spilled to disk: the batch in the layout the cached tensor would have had
@@ -110,7 +113,9 @@ class SampledLoss:
         out = apply_layer(self.layer, batch, weight)
         if self.activation is not None:
             out = self.activation(out)
-        return reconstruction_loss(out, self.target[idx], self.channel_dim)
+        target = (self.target[idx.to(self.target.device)] if isinstance(self.target, Tensor)
+                  else self.target[idx])  # spilled: read back from disk
+        return reconstruction_loss(out, target, self.channel_dim)
 
     def weight_grad(self, weight: Tensor) -> Tensor:
         """dL/dW~ on the next batch (autograd through the layer and its activation)."""
