@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from adaround.config import QuantConfig
 from adaround.errors import ModelError
 from adaround.nn.quant_layer import QUANTIZABLE, QuantLayer, output_channel_axis
-from adaround.trace import LayerInfo, Trace
+from adaround.trace import LayerInfo, Trace, is_frozen_norm
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +21,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, module)
-
-
-def is_frozen_norm(module: nn.Module) -> bool:
-    """A BatchNorm kept as buffers (torchvision's FrozenBatchNorm2d and its likes): per-channel
-    weight, bias, running mean and variance, and an eps, but not a torch BatchNorm."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return False
-    buffers = dict(module.named_buffers(recurse=False))
-    return (all(k in buffers for k in ("weight", "bias", "running_mean", "running_var"))
-            and isinstance(getattr(module, "eps", None), float))
 
 
 def _norm_terms(bn: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -144,7 +144,7 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
         for handle in handles:
             handle.remove()
     trace = Trace([infos[n] for n in order])
-    frozen = {n for n, m in model.named_modules() if _is_frozen_norm(m)}
+    frozen = {n for n, m in model.named_modules() if is_frozen_norm(m)}
     neutral = {n for n, m in model.named_modules() if getattr(m, "adaround_neutral", False)}
     for info in trace.layers:
         _classify_consumer(info, recorder.calls, bn_inputs, frozen, neutral)
@@ -152,13 +152,17 @@ def trace_model(model: nn.Module, example: Tensor) -> Trace:
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _BATCHNORMS) or _is_frozen_norm(module)
+    return isinstance(module, _BATCHNORMS) or is_frozen_norm(module)
 
 
-def _is_frozen_norm(module: nn.Module) -> bool:
-    from adaround.prepare import is_frozen_norm  # prepare imports this module
-
-    return is_frozen_norm(module)
+def is_frozen_norm(module: nn.Module) -> bool:
+    """A BatchNorm kept as buffers (torchvision's FrozenBatchNorm2d and its likes): per-channel
+    weight, bias, running mean and variance, and an eps, but not a torch BatchNorm."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    return (all(k in buffers for k in ("weight", "bias", "running_mean", "running_var"))
+            and isinstance(getattr(module, "eps", None), float))
 
 
 def _sole_user(calls: list[_Call], tensor_id: int, name: str) -> _Call | None:
