@@ -86,15 +86,16 @@ def default_data_root() -> str:
     return str(files.data_root())
 
 
-def load_cifar(root: Path, n_calib: int, seed: int, n_eval: int | None):  # type: ignore[no-untyped-def]
-    """ResNet-20, calibration images and test set exactly as bench_weights.load_cifar."""
+def load_cifar(root: Path, n_calib: int, seed: int, n_eval: int | None,  # type: ignore[no-untyped-def]
+               name: str = "resnet20"):
+    """ResNet-20/56, calibration images and test set exactly as bench_weights.load_cifar."""
     import torch
 
     files, cifar = _repo_helpers()
-    weights = root / "cifar10" / "resnet20.th"
+    weights = root / "cifar10" / f"{name}.th"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is absent: pass --data-root or set ADAROUND_DATA")
-    model = cifar.resnet20(weights)
+    model = getattr(cifar, name)(weights)
     pool, _ = files.load_array_file(root / "cifar10" / "cifar10_train5k.npz",
                                     mean=cifar.CIFAR_MEAN, std=cifar.CIFAR_STD)
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n_calib]
@@ -141,6 +142,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None,
                    help="shared data folder (default: $ADAROUND_DATA or ../shared/data)")
+    p.add_argument("--model", choices=["resnet20", "resnet56"], default="resnet20")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--num-calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=2000)
@@ -193,7 +195,8 @@ def main() -> int:
 
     root = Path(args.data_root or default_data_root())
     try:
-        model, calib, x_test, y_test = load_cifar(root, args.num_calib, args.seed, args.num_eval)
+        model, calib, x_test, y_test = load_cifar(root, args.num_calib, args.seed, args.num_eval,
+                                                  args.model)
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 2
@@ -281,7 +284,7 @@ def main() -> int:
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     result = {
-        "tool": "aimet-torch", "version": aimet_version, "model": "resnet20",
+        "tool": "aimet-torch", "version": aimet_version, "model": args.model,
         "bits": args.bits, "grid": args.grid, "quant_scheme": args.quant_scheme,
         "num_calib": len(calib), "iters": args.iters, "batch_size": args.batch_size,
         "eval_samples": len(x_test), "seed": args.seed, "threads": torch.get_num_threads(),

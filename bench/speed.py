@@ -1,10 +1,15 @@
 """Speed benchmark: this library against aimet-torch on the same network, data and iterations.
 
 Each run is its own subprocess (so peak memory is per run), one after another in one
-invocation, so the wall-time ratio is measured under the same machine load:
+invocation, so the wall-time ratios are measured under the same machine load:
 
     python bench/speed.py --model resnet20 --bits 4 --grid tensor --num-calib 1024 \
-        --iters 2000 --threads 2 --json bench/results/speed.jsonl
+        --iters 2000 --threads 2 --preset fast --json bench/results/speed.jsonl
+
+Two ratios against aimet-torch: at equal settings (the plain API, `QuantConfig(weight_bits,
+iters)`, as a user calls it: no allocator or thread setting beyond --threads), and with
+`--preset fast` the time of `QuantConfig.fast()` against aimet's time to its accuracy (given
+where the preset reaches at least aimet's top-1, else said).
 
 aimet-torch runs from its throwaway venv (DEVELOPERS.md; `--aimet-python`, default
 $ADAROUND_AIMET_PYTHON or /work/aimet-venv/bin/python) and is skipped, with a message, where
@@ -75,10 +80,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     from bench_weights import load_cifar, load_effnet
 
     import adaround
-    from adaround.allocator import keep_freed_memory
     from adaround.evaluate import accuracy
 
-    keep_freed_memory()
     if args.model == "efficientnet_lite0":
         model, calib, x_eval, y_eval = load_effnet(args.num_calib, args.seed)
     else:
@@ -86,10 +89,13 @@ def run_ours(args: argparse.Namespace) -> dict:
                                                   args.seed)
         if args.num_calib > len(calib):  # the pool holds 5000: add mirrored copies beyond it
             calib = torch.cat([calib, calib.flip(-1)])[:args.num_calib]
-    cfg = adaround.QuantConfig(weight_bits=args.bits, per_channel=args.grid == "channel",
-                               iters=args.iters, seed=args.seed, loss=args.loss,
-                               early_stop=not args.no_early_stop,
-                               memory_budget_mb=args.memory_budget_mb, compile=args.compile)
+    options = dict(weight_bits=args.bits, per_channel=args.grid == "channel", seed=args.seed,
+                   memory_budget_mb=args.memory_budget_mb, compile=args.compile)
+    if args.preset == "fast":
+        cfg = adaround.QuantConfig.fast(**options)
+    else:
+        cfg = adaround.QuantConfig(iters=args.iters, loss=args.loss,
+                                   early_stop=not args.no_early_stop, **options)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start, cpu_start = time.perf_counter(), time.process_time()
     qmodel = adaround.quantize(model, calib, cfg)
@@ -104,14 +110,15 @@ def run_ours(args: argparse.Namespace) -> dict:
     peak = matmul_gflops()
     return {
         "tool": "adaround", "version": adaround.__version__, "model": args.model,
-        "bits": args.bits, "grid": args.grid, "num_calib": len(calib), "iters": args.iters,
-        "loss": args.loss, "early_stop": not args.no_early_stop, "top1": top1,
+        "bits": args.bits, "grid": args.grid, "num_calib": len(calib), "iters": cfg.iters,
+        "preset": args.preset, "lr": cfg.lr, "moment_positions": cfg.moment_positions,
+        "loss": cfg.loss, "early_stop": cfg.early_stop, "top1": top1,
         "memory_budget_mb": args.memory_budget_mb, "compile": args.compile,
         "seconds": seconds, "cpu_seconds": cpu_seconds, "load_average": load,
         "peak_rss_mb": rss_peak, "rss_before_mb": rss_before,
         "data_seconds": sum(r.data_seconds for r in layers), "step_seconds": step_seconds,
         "other_seconds": seconds - sum(r.data_seconds + r.step_seconds for r in layers),
-        "steps_run": sum(r.iters for r in layers), "steps_max": len(layers) * args.iters,
+        "steps_run": sum(r.iters for r in layers), "steps_max": len(layers) * cfg.iters,
         "step_gflops": achieved, "matmul_gflops": peak, "matmul_share": achieved / peak,
         "layers": [{"name": r.name, "objective": r.objective, "iters": r.iters,
                     "data_s": round(r.data_seconds, 3), "step_s": round(r.step_seconds, 3),
@@ -130,7 +137,8 @@ def _subprocess_json(cmd: list[str], env: dict[str, str]) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _worker_cmd(args: argparse.Namespace, num_calib: int) -> list[str]:
+def _worker_cmd(args: argparse.Namespace, num_calib: int, preset: str | None = None
+                ) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model,
            "--bits", str(args.bits), "--grid", args.grid, "--num-calib", str(num_calib),
            "--iters", str(args.iters), "--seed", str(args.seed), "--loss", args.loss]
@@ -144,6 +152,8 @@ def _worker_cmd(args: argparse.Namespace, num_calib: int) -> list[str]:
         cmd += ["--memory-budget-mb", str(args.memory_budget_mb)]
     if args.compile:
         cmd.append("--compile")
+    if preset:
+        cmd += ["--preset", preset]
     return cmd
 
 
@@ -153,10 +163,12 @@ def _aimet_cmd(args: argparse.Namespace) -> list[str] | None:
         print(f"aimet-torch skipped: no venv python at {python} (create it with "
               "`bash bench/aimet_venv.sh /work/aimet-venv`, see DEVELOPERS.md)")
         return None
-    if args.model != "resnet20":
-        print(f"aimet-torch skipped: bench/aimet_adaround.py runs resnet20 only, not {args.model}")
+    if args.model not in ("resnet20", "resnet56"):
+        print(f"aimet-torch skipped: bench/aimet_adaround.py runs the CIFAR ResNets, not "
+              f"{args.model}")
         return None
-    cmd = [str(python), str(BENCH / "aimet_adaround.py"), "--bits", str(args.bits),
+    cmd = [str(python), str(BENCH / "aimet_adaround.py"), "--model", args.model,
+           "--bits", str(args.bits),
            "--grid", args.grid, "--num-calib", str(args.num_calib), "--iters", str(args.iters),
            "--seed", str(args.seed)]
     return cmd + (["--threads", str(args.threads)] if args.threads else [])
@@ -173,28 +185,57 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _row(label: str, run: dict) -> str:
+    budget = run["memory_budget_mb"]
+    return (f"| {label}{f', budget {budget:g} MB' if budget else ''} | {_fmt(run['top1'])} | "
+            f"{run['seconds']:.1f} | {run['peak_rss_mb']:.0f} (before quantize "
+            f"{run['rss_before_mb']:.0f}) |")
+
+
 def compare(args: argparse.Namespace) -> list[dict]:
     env = _env(args)
+    load = [os.getloadavg()[0]]
     ours = _subprocess_json(_worker_cmd(args, args.num_calib), env)
+    load.append(os.getloadavg()[0])
+    fast = (_subprocess_json(_worker_cmd(args, args.num_calib, args.preset), env)
+            if args.preset else None)
+    load.append(os.getloadavg()[0])
     aimet_cmd = None if args.no_aimet else _aimet_cmd(args)
     aimet = _subprocess_json(aimet_cmd, env) if aimet_cmd else None
+    load.append(os.getloadavg()[0])
+    print(f"load average (1 min) before/between/after the runs: "
+          f"{', '.join(f'{v:.2f}' for v in load)}")
     print("| tool | top-1 % | wall s | peak RSS MB |\n|---|---|---|---|")
     if ours:
-        budget = ours["memory_budget_mb"]
-        print(f"| adaround ({ours['loss']} loss{f', budget {budget:g} MB' if budget else ''}) "
-              f"| {_fmt(ours['top1'])} | {ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} "
-              f"(before quantize {ours['rss_before_mb']:.0f}) |")
+        print(_row(f"adaround {ours['iters']} it. ({ours['loss']} loss)", ours))
+    if fast:
+        print(_row(f"adaround QuantConfig.{args.preset}() ({fast['iters']} it., lr "
+                   f"{fast['lr']:g}, moments from <= {fast['moment_positions']} positions)",
+                   fast))
     if aimet:
-        print(f"| aimet-torch {aimet['version']} | {_fmt(aimet['adaround_top1'])} | "
-              f"{aimet['adaround_seconds']:.1f} | {aimet['peak_rss_mb']:.0f} |")
+        print(f"| aimet-torch {aimet['version']} {aimet['iters']} it. | "
+              f"{_fmt(aimet['adaround_top1'])} | {aimet['adaround_seconds']:.1f} | "
+              f"{aimet['peak_rss_mb']:.0f} |")
+    for run in (ours, fast):
+        if run:
+            run["load_between"] = load
     if ours and aimet:
         ratio = aimet["adaround_seconds"] / ours["seconds"]
-        print(f"\nspeed-up {ratio:.1f}x (aimet {aimet['adaround_seconds']:.1f} s / ours "
+        print(f"\nequal settings: {ratio:.1f}x (aimet {aimet['adaround_seconds']:.1f} s / ours "
               f"{ours['seconds']:.1f} s); accuracy {ours['top1'] - aimet['adaround_top1']:+.2f}"
               " points against aimet")
         ours["aimet"] = aimet
         ours["speedup_vs_aimet"] = ratio
-    return [r for r in (ours,) if r]
+    if fast and aimet:
+        ratio = aimet["adaround_seconds"] / fast["seconds"]
+        reached = fast["top1"] >= aimet["adaround_top1"]
+        print(f"time to aimet's accuracy: {ratio:.1f}x (aimet {aimet['adaround_seconds']:.1f} s"
+              f" / QuantConfig.{args.preset}() {fast['seconds']:.1f} s); preset "
+              f"{fast['top1']:.2f} % vs aimet {aimet['adaround_top1']:.2f} %"
+              + ("" if reached else ": NOT reached"))
+        fast["aimet"] = aimet
+        fast["speedup_to_aimet_accuracy"] = ratio if reached else None
+    return [r for r in (ours, fast) if r]
 
 
 def scaling(args: argparse.Namespace) -> list[dict]:
@@ -228,6 +269,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="QuantConfig.compile")
     p.add_argument("--aimet-python", default=DEFAULT_AIMET)
     p.add_argument("--no-aimet", action="store_true")
+    p.add_argument("--preset", choices=["fast"], help="also time this QuantConfig preset "
+                   "(in the worker: run it instead of the equal-settings config)")
     p.add_argument("--scaling", type=int, nargs="+", help="calibration-set sizes to time")
     p.add_argument("--json", type=Path, help="append one JSON line per run here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -249,7 +292,8 @@ def main() -> int:
     machine = (f"{platform.machine()} {os.cpu_count()} cores, {args.threads or 'default'} "
                f"threads, torch {torch.__version__}")
     for row in rows:
-        print(f"\nprofile ({row['num_calib']} images): data+moments {row['data_seconds']:.1f} s,"
+        print(f"\nprofile ({row['preset'] or 'equal settings'}, {row['num_calib']} images): "
+              f"data+moments {row['data_seconds']:.1f} s,"
               f" steps {row['step_seconds']:.1f} s ({row['steps_run']}/{row['steps_max']} steps,"
               f" {row['step_gflops']:.1f} GFLOP/s = {100 * row['matmul_share']:.0f}% of "
               f"{row['matmul_gflops']:.0f} GFLOP/s matmul), rest {row['other_seconds']:.1f} s")

@@ -20,8 +20,9 @@ def _toy() -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("soft_step, stop_step", [(5, 109), (15, 129)])
 def test_early_stop_needs_every_h_binary_for_a_whole_window(soft_step, stop_step) -> None:  # type: ignore[no-untyped-def]
-    stop, binary, soft = EarlyStop(), torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.5])
-    said = [stop.update(step, soft if step == soft_step else binary) for step in range(300)]
+    stop, binary, soft = EarlyStop(), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.0])
+    said = [stop.update(step, lambda step=step: soft if step == soft_step else binary)
+            for step in range(300)]
     # a soft h before the first binary check (step 9) is not looked at; after it, every step
     # is, so one at step 15 restarts the window at the check of step 29
     assert said.index(True) == stop_step
@@ -113,21 +114,35 @@ def test_written_out_gradient_loop_equals_the_autograd_loop(loss: str, monkeypat
     assert torch.equal(ours, ref)
 
 
-def test_compiled_step_functions_give_the_codes_of_the_eager_ones() -> None:
-    from adaround.reconstruct.loop import Objective, QuadraticLoss, run_rounding
-    from adaround.reconstruct.quadratic import accumulate_moments
+@pytest.mark.parametrize("beta", [None, 20.0, 2.0, 1.5])
+def test_buffered_chain_gives_the_gradient_of_the_plain_formulas(beta) -> None:  # type: ignore[no-untyped-def]
+    from adaround.primitives import GAMMA, ZETA
+    from adaround.reconstruct.loop import Relaxation
 
-    torch.manual_seed(0)
-    layer = nn.Linear(12, 5).double()
-    qlayer = QuantLayer(layer, bits=3, symmetric=True, per_channel=True)
-    qlayer.fit_grid("mse")
-    x = torch.randn(64, 12, dtype=torch.float64)
-    moments = accumulate_moments(layer, [(x + 0.2 * torch.randn_like(x), x)])
-    codes = [run_rounding(qlayer, Objective(QuadraticLoss(qlayer, moments)), QuantConfig(
-        iters=200, lr=1e-2, reg_weight=0.1, early_stop=False, compile=compiled))[0]
-        for compiled in (False, True)]
-    assert not torch.equal(codes[0], qlayer.nearest_codes())
-    assert torch.equal(codes[0], codes[1])
+    gen = torch.Generator().manual_seed(0)
+    # V across and beyond the clip (|V| > log 11: h exactly 0 or 1), exact 0 and the edges
+    v = torch.cat([torch.randn(997, dtype=torch.float64, generator=gen) * 3,
+                   torch.tensor([0.0, 2.3978952728, -2.3978952728, 50.0, -50.0],
+                                dtype=torch.float64)])
+    s_live = torch.rand(v.shape, dtype=torch.float64, generator=gen) * (torch.rand(
+        v.shape, generator=gen) > 0.1)
+    grad_w = torch.randn(v.shape, dtype=torch.float64, generator=gen)
+    relax = Relaxation(v, s_live)
+    h = relax.update(v)
+    sig = torch.sigmoid(v)
+    h_ref = (sig * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    inside = (h_ref > 0) & (h_ref < 1)
+    assert torch.equal(h, h_ref)
+    assert torch.equal(relax.soft(), inside.double())
+    ref = grad_w * s_live
+    if beta is not None:
+        u = 2 * h_ref - 1
+        ref = ref + 0.01 * (-2 * beta) * u.abs().pow(beta - 1) * u.sign()
+    ref = torch.where(inside, ref * sig * (1 - sig) * (ZETA - GAMMA), 0.0)
+    given = grad_w.clone()
+    got = relax.v_grad(grad_w, beta, 0.01)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-15)
+    assert torch.equal(grad_w, given)  # the caller's gradient is left unchanged
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

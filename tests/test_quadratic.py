@@ -22,6 +22,8 @@ from adaround.reconstruct.quadratic import (
 LAYERS = {
     "linear": (lambda: nn.Linear(7, 5), (12, 3, 7)),  # leading dims averaged like samples
     "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2), (6, 4, 11, 9)),
+    "conv2d_rect": (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(2, 1),
+                                      dilation=(1, 2)), (5, 3, 9, 8)),
     "grouped": (lambda: nn.Conv2d(4, 6, (3, 2), padding=(1, 0), groups=2), (6, 4, 8, 9)),
     "depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 6, 8, 8)),
     "conv1d": (lambda: nn.Conv1d(3, 5, 4, stride=3, padding=2, dilation=2), (6, 3, 17)),
@@ -76,6 +78,44 @@ def test_moments_do_not_depend_on_how_the_data_is_cut(monkeypatch) -> None:  # t
     assert cut.count == whole.count == 6 * 8 * 8
     for a, b in [(cut.a, whole.a), (cut.r, whole.r), (cut.c, whole.c)]:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_subsample_takes_each_position_once_over_every_squared_samples() -> None:
+    from adaround.reconstruct.quadratic import subsample
+
+    # positions of 9 samples of 5 x 4 outputs, numbered; every=3: each sample's shifted grid
+    v = torch.arange(9 * 5 * 4).reshape(9, 5, 4)
+    taken = torch.cat([s.reshape(-1) for s in subsample(v, 3)])
+    assert len(taken) == len(set(taken.tolist()))  # no position twice
+    per_offset = [s.numel() for s in subsample(v, 3)]
+    # the 9 shifted grids partition one image's positions: exactly 1/9 of 9 samples' ones
+    assert sum(per_offset) == 5 * 4
+    # across the 9 samples every (row, column) offset modulo 3 is taken exactly once
+    offsets = {(int(t) % 20 // 4 % 3, int(t) % 4 % 3) for s in subsample(v, 3) for t in s[:1, :1]
+               .reshape(-1)}
+    assert offsets == {(a, b) for a in range(3) for b in range(3)}
+
+
+@pytest.mark.parametrize("name", ["conv2d_rect", "grouped", "linear", "conv1d"])
+def test_moments_from_a_share_of_the_positions(name: str) -> None:
+    qlayer, x_q, x = _case(name)
+    whole = accumulate_moments(qlayer.layer, [(x_q, x)])
+    part = accumulate_moments(qlayer.layer, [(x_q, x)], keep=0.5, seed=3)
+    assert part.count <= round(whole.count * 0.5)  # at most that share
+    # the same positions whatever the chunks (blocks of equal size draw the same subset)
+    again = accumulate_moments(qlayer.layer, [(x_q, x)], keep=0.5, seed=3)
+    assert torch.equal(part.a, again.a) and torch.equal(part.r, again.r)
+    assert not torch.equal(part.a, whole.a)  # an estimate (these few positions: a rough one)
+    # and the exact moments of exactly those positions: keep=1 on the gathered rows
+    from adaround.reconstruct.quadratic import patch_rows, subsample_step, weight_order
+
+    layer = qlayer.layer
+    rows = patch_rows(layer, quadratic.conv_input(layer, x_q), subsample_step(0.5), 3)
+    order = weight_order(layer)
+    a = torch.bmm(rows.transpose(1, 2), rows) / rows.shape[1]
+    if order is not None:
+        a = a[:, order][:, :, order]
+    torch.testing.assert_close(part.a, (a + a.transpose(1, 2)) / 2)
 
 
 def test_quadratic_form_gradient_is_the_analytic_one() -> None:
@@ -161,7 +201,36 @@ def test_subclass_that_is_not_one_convolution_falls_back(caplog) -> None:  # typ
     assert "is not one convolution with its weight; using the sampled loss" in caplog.text
 
 
-def test_gram_from_blocks_equals_one_product(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    u = torch.randn(2, 13, 50, dtype=torch.float64)
-    monkeypatch.setattr(quadratic, "GRAM_MIN_ROWS", 1)
-    torch.testing.assert_close(quadratic.gram(u), torch.bmm(u, u.transpose(1, 2)))
+def test_gram_from_blocks_equals_one_product() -> None:
+    for d in (13, 40, 300):  # one product, 2 x 2 and 4 x 4 blocks
+        u = torch.randn(2, 50, d, dtype=torch.float64)
+        torch.testing.assert_close(quadratic.gram(u), torch.bmm(u.transpose(1, 2), u))
+
+
+def test_moment_positions_caps_the_moments_data_and_is_exact_above_the_count() -> None:
+    torch.manual_seed(0)
+    model, x = tiny_resnet(), images(32)
+
+    def run(**kw):  # type: ignore[no-untyped-def]
+        q = adaround.quantize(model, x, QuantConfig(loss="quadratic", iters=60, lr=0.05, **kw))
+        return [m.codes for m in q.modules() if isinstance(m, QuantLayer)], q.adaround_report
+
+    exact, report = run()
+    above, _ = run(moment_positions=10**9)
+    assert all(torch.equal(a, b) for a, b in zip(exact, above))
+    capped, capped_report = run(moment_positions=256)
+    assert not all(torch.equal(a, b) for a, b in zip(exact, capped))
+    # still AdaRound's gain over nearest on the exact loss, layer by layer (the losses
+    # reported are measured on the calibration data, not on the subsample)
+    assert sum(r.loss_adaround for r in capped_report) < sum(r.loss_nearest for r in capped_report)
+
+
+def test_fast_preset_is_a_config_with_overrides() -> None:
+    from adaround.config import FAST_PRESET
+
+    cfg = QuantConfig.fast(weight_bits=3)
+    assert cfg.weight_bits == 3 and cfg.iters == FAST_PRESET["iters"]
+    assert cfg.moment_positions == FAST_PRESET["moment_positions"]
+    assert QuantConfig.fast(iters=50).iters == 50
+    with pytest.raises(ConfigError, match="moment_positions"):
+        QuantConfig(moment_positions=0)

@@ -47,6 +47,8 @@ from adaround.reconstruct.quadratic import (
     Moments,
     UnfoldError,
     accumulate_moments,
+    conv_input,
+    patches,
     step_costs,
     supports_quadratic,
 )
@@ -283,10 +285,12 @@ def _round_to_nearest(qmodel: nn.Module, plans: list[LayerPlan]) -> None:
 
 def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLayer,
                    x: Tensor, cfg: QuantConfig,
-                   accumulate: Callable[..., Moments] = accumulate_moments) -> Moments | None:
+                   accumulate: Callable[..., Moments] = accumulate_moments,
+                   samples: int | None = None) -> Moments | None:
     """The moments of the layer's inputs where cfg.loss asks for them and the layer allows
     (for "auto": where a quadratic step costs less than a sampled one); `accumulate` sums
-    them (over this process's shard and all-reduced, in adaround.distributed)."""
+    them (over this process's shard and all-reduced, in adaround.distributed, where `samples`
+    is the count of all processes' samples; x's here)."""
     if cfg.loss == "sampled":
         return None
     if not supports_quadratic(qlayer.layer):
@@ -300,10 +304,21 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
             if quadratic_cost >= sampled_cost:
                 return None
         chunks = ((quantize_layer_input(qlayer, xq), xf) for xq, xf in engine.input_chunks(name))
-        return accumulate(qlayer.layer, chunks)
+        return accumulate(qlayer.layer, chunks, *_moment_share(qlayer, x, cfg, samples))
     except UnfoldError as exc:
         log.info("%s: %s; using the sampled loss", name, exc)
         return None
+
+
+def _moment_share(qlayer: QuantLayer, x: Tensor, cfg: QuantConfig,
+                  samples: int | None) -> tuple[float, int]:
+    """(share of the positions, seed) for the moments: cfg.moment_positions of all of them."""
+    if cfg.moment_positions is None:
+        return 1.0, cfg.seed
+    first = conv_input(qlayer.layer, materialize(x[:1]))
+    positions = patches(qlayer.layer, first).shape[1] * (x.shape[0] if samples is None
+                                                            else samples)
+    return min(1.0, cfg.moment_positions / positions), cfg.seed
 
 
 def _describe(result: LayerResult, cfg: QuantConfig, plan: LayerPlan) -> str:

@@ -85,13 +85,19 @@ def load_data(args: argparse.Namespace, path: str, limit: int | None, offset: in
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    from adaround.config import FAST_PRESET
+
+    # options the user left unset: the --fast preset's value where it has one, else the default
+    preset = FAST_PRESET if getattr(args, "fast", False) else {}
+    chosen = {name: getattr(args, name) if getattr(args, name, None) is not None else
+              preset.get(name, getattr(QuantConfig, name))
+              for name in ("iters", "lr", "loss", "moment_positions")}
     return QuantConfig(
         weight_bits=args.bits, per_channel=args.per_channel, symmetric=not args.asymmetric,
-        rounding=args.rounding, iters=args.iters, batch_size=args.batch_size, seed=args.seed,
-        lr=args.lr,
+        rounding=args.rounding, batch_size=args.batch_size, seed=args.seed, **chosen,
         scale_method=args.scale_method, first_last_bits=args.first_last_bits,
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
-        loss_after_activation=not args.no_activation_loss, loss=args.loss,
+        loss_after_activation=not args.no_activation_loss,
         early_stop=not args.no_early_stop, memory_budget_mb=args.memory_budget_mb,
         compile=args.compile, inputs=args.inputs,
         group_size=getattr(args, "group_size", None),
@@ -301,10 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rounding", choices=["adaround", "nearest"], default=d.rounding,
                    help="adaround: learn each weight's rounding (default); nearest: round to "
                    "the nearest grid point (the baseline, same grid)")
-    q.add_argument("--iters", type=int, default=d.iters, help="iterations per layer (10000)")
+    q.add_argument("--fast", action="store_true", help="the time-to-accuracy preset "
+                   "(QuantConfig.fast(): 200 steps at lr 0.015 on the quadratic loss, moments "
+                   "from at most 131072 positions); options given beside it win")
+    q.add_argument("--iters", type=int, help=f"iterations per layer ({d.iters})")
     q.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"calibration samples per optimisation step ({d.batch_size})")
-    q.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate for V (1e-3, "
+    q.add_argument("--lr", type=float, help="Adam's learning rate for V (1e-3, "
                    "the paper's for 10000 iterations; about 3 / iters for short runs)")
     q.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of the batch draws and initialisation ({d.seed}): same seed, "
@@ -319,9 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-activation-loss", action="store_true",
                    help="take the loss before the following activation")
     q.add_argument("--loss", choices=["auto", "sampled", "quadratic", "quadratic_warmup"],
-                   default=d.loss, help="sampled: the paper's; quadratic: from second moments, "
+                   help="sampled: the paper's; quadratic: from second moments, "
                    "all data every step, before the activation; auto (default): quadratic "
                    "where its step is cheaper, else sampled")
+    q.add_argument("--moment-positions", type=int, help="estimate each layer's moments "
+                   "(quadratic loss) from at most this many positions, a seeded uniform "
+                   "subset (default: all, exact)")
     q.add_argument("--memory-budget-mb", type=float, help="keep cached activations within "
                    "this many MB, spilling the rest to temporary files on disk")
     q.add_argument("--inputs", choices=["quantized", "float"], default=d.inputs,

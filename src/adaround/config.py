@@ -16,6 +16,11 @@ own grid (Linear and Embedding layers; it must divide their input dimension), pe
 `inputs="float"` takes each layer's input from the FP network (the paper's symmetric
 reconstruction) instead of the partly quantized one (eq. 25, the default): the layers are then
 independent, and those of one shape are rounded in one loop with batched kernels.
+`moment_positions` caps the positions (samples x output positions) from which a layer's
+moments are computed: a seeded uniform subset of that many where a layer has more (its cost
+falls in proportion; accuracy: BENCHMARKS.md). None (the default): all of them, exact.
+`QuantConfig.fast()` is the preset measured to reach the default's accuracy in a fraction of
+its time (few steps at a matching lr on the quadratic loss, subsampled moments).
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
 `lr` 1e-3 is the paper's for 10k-20k iterations. An Adam step moves V by about lr, and V spans
@@ -67,6 +72,11 @@ def short_run_note(cfg: QuantConfig) -> str | None:
             "or run more iterations")
 
 
+#: QuantConfig.fast(): the quadratic loss is full-batch and deterministic, so few steps at a
+#: larger lr (about 3 / iters: `short_run_note`) reach the codes' accuracy of the paper's long
+#: runs, and the moments of a subset of the positions estimate the full ones closely
+FAST_PRESET: dict[str, Any] = {"iters": 200, "lr": 0.015, "loss": "quadratic",
+                               "moment_positions": 2**17}
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 
 
@@ -126,6 +136,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     fold_bn: bool = True
     memory_budget_mb: float | None = None
+    moment_positions: int | None = None
     compile: bool = False
     inputs: str = "quantized"
     act_bits: int | None = None
@@ -158,6 +169,8 @@ class QuantConfig:
         _check_choice("inputs", self.inputs, INPUTS)
         if self.memory_budget_mb is not None:
             _check_positive("memory_budget_mb", self.memory_budget_mb)
+        if self.moment_positions is not None:
+            _check_int_range("moment_positions", self.moment_positions, 1)
         _check_int_range("iters", self.iters, 1)
         _check_int_range("batch_size", self.batch_size, 1)
         _check_int_range("seed", self.seed, 0, SEED_MAX)
@@ -194,6 +207,12 @@ class QuantConfig:
                 f"config version {self.version} is newer than this library's "
                 f"({CONFIG_VERSION}): upgrade adaround"
             )
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> QuantConfig:
+        """The time-to-accuracy preset: FAST_PRESET's settings (measured in BENCHMARKS.md,
+        "Time to accuracy"), any of them replaced by `overrides`."""
+        return cls(**{**FAST_PRESET, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -72,6 +72,7 @@ from adaround.reconstruct.loop import (
     Share,
     layer_loss,
     layer_result,
+    quadratic_gradient,
     round_weights,
     run_rounding,
 )
@@ -182,9 +183,10 @@ def rows_shard(count: int, device: torch.device) -> Shard:
 
 
 @torch.no_grad()
-def shared_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]]) -> Moments:
+def shared_moments(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]],
+                   keep: float = 1.0, seed: int = 0) -> Moments:
     """The moments of all processes' data: shard sums, all-reduced, over the global count."""
-    sums, count = moment_sums(layer, chunks)
+    sums, count = moment_sums(layer, chunks, keep, seed)
     if not sums:
         raise ValueError("no calibration data reached the layer")
     for s in sums:
@@ -226,6 +228,14 @@ class RowsLoss:
         own = weight[self.at:self.at + self.w.numel()].view(self.w.shape)
         torch.baddbmm(self.r, own - self.w, self.a, out=self.rows).mul_(2)
         return self.grad
+
+    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
+        """As QuadraticLoss.gradient_at, on the rows' part of the window."""
+        n = self.w.numel()
+        rows = quadratic_gradient(self.a, self.r, w0[self.at:self.at + n].view(self.w.shape)
+                                  - self.w, lambda hs: hs[self.at:self.at + n].view(self.w.shape),
+                                  out=self.rows)  # the window's other elements stay 0
+        return lambda hs: (rows(hs), self.grad)[1]
 
     def skip(self, steps: int) -> None:
         pass
@@ -363,7 +373,8 @@ def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Te
             qlayer: Any = qmodel.get_submodule(plan.name)
             xq, target = engine.layer_data(plan.name, activation)
             xq = quantize_layer_input(qlayer, xq)
-            moments = api._layer_moments(engine, plan.name, qlayer, xq, cfg, shared_moments)
+            moments = api._layer_moments(engine, plan.name, qlayer, xq, cfg, shared_moments,
+                                         part.total)
             result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                     progress, start, moments, part)
             del xq, target, moments

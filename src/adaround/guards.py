@@ -44,6 +44,10 @@ def check_finite(name: str, what: str, value: Any) -> None:
     are checked through their losses)."""
     if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() == 0:
         return
+    # any NaN/Inf makes the sum NaN/Inf: one reduction, 5-10x cheaper than a bool mask; a
+    # sum that overflows on finite values alone is then told apart by the mask
+    if torch.isfinite(value.sum()):
+        return
     for chunk in value.split(64):  # a bool mask of a few chunks, not of the whole cache
         if not torch.isfinite(chunk).all():
             raise NumericalError(f"{name}: its {what} hold NaN/Inf values; {CAUSES}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +19,13 @@ from torch import Tensor
 from adaround.config import QuantConfig
 from adaround.nn.quant_layer import QuantLayer
 from adaround.primitives import dequantize
-from adaround.reconstruct.loop import LayerResult, Objective, moment_loss, round_weights
+from adaround.reconstruct.loop import (
+    LayerResult,
+    Objective,
+    moment_loss,
+    quadratic_gradient,
+    round_weights,
+)
 from adaround.reconstruct.quadratic import Moments, weight_rows
 
 
@@ -35,6 +41,11 @@ class StackedQuadraticLoss:
     def weight_grad(self, weight: Tensor) -> Tensor:
         dw = weight.reshape(self.w.shape) - self.w
         return torch.baddbmm(self.r, dw, self.a).mul_(2).reshape(weight.shape)
+
+    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
+        """As QuadraticLoss.gradient_at, for the stack."""
+        return quadratic_gradient(self.a, self.r, w0.reshape(self.w.shape) - self.w,
+                                  lambda hs: hs.reshape(self.w.shape))
 
     def skip(self, steps: int) -> None:
         pass

@@ -195,10 +195,9 @@ def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
             for o in (opt, act_opt, act_sched):
                 if o is not None:
                     o.step()
-            if beta is not None and stop is not None:
-                h_all = torch.cat([h.detach().reshape(-1) for h in hs])
-                if stop.update(step, h_all):
-                    return step + 1
+            if beta is not None and stop is not None and stop.update(step, lambda hs=hs: torch.cat(
+                    [((h > 0) & (h < 1)).reshape(-1) for h in hs])):
+                return step + 1
         return cfg.iters
 
 

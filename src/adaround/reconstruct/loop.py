@@ -7,14 +7,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from adaround.config import QuantConfig
-from adaround.fused import compile_once
 from adaround.nn.quant_layer import QuantLayer, apply_layer
 from adaround.primitives import (
     GAMMA,
@@ -27,14 +25,14 @@ from adaround.primitives import (
 )
 from adaround.reconstruct.quadratic import Moments, quadratic_loss, weight_rows
 
-EVAL_SAMPLES = 1024
+EVAL_SAMPLES = 256
 STOP_CHECK = 10  # steps between two reads of the early-stop counter (a device sync each)
 STOP_WINDOW = 100  # steps every h(V) must stay at 0 or 1 before a layer stops early
 
 
 @dataclass(frozen=True)
 class LayerResult:
-    """What one layer's reconstruction achieved (losses on up to 1024 calibration samples)."""
+    """What one layer's reconstruction achieved (losses on up to 256 calibration samples)."""
 
     name: str
     loss_nearest: float
@@ -123,6 +121,10 @@ class SampledLoss:
             leaf = weight.detach().requires_grad_(True)
             return torch.autograd.grad(self(leaf), leaf)[0]
 
+    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
+        """dL/dW~ at W~ = w0 + hs, as a function of hs (the form the rounding loop steps)."""
+        return lambda hs: self.weight_grad(w0 + hs)
+
     def skip(self, steps: int) -> None:
         """Draw the batches of `steps` skipped steps: the generator is shared by all layers, so
         the layers after an early stop see the same batches as after a full run."""
@@ -144,11 +146,27 @@ class QuadraticLoss:
         dw = weight_rows(self.layer, weight) - self.w
         return torch.baddbmm(self.moments.r, dw, self.moments.a).mul_(2).reshape(weight.shape)
 
+    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
+        """dL/dW~ at W~ = w0 + hs as a function of hs: 2 (dw A + r) = 2 (hs A + r0) with
+        r0 = r + (w0 - w) A, computed once. One product per step, into one reused buffer."""
+        return quadratic_gradient(self.moments.a, self.moments.r,
+                                  weight_rows(self.layer, w0) - self.w,
+                                  lambda hs: weight_rows(self.layer, hs))
+
     def skip(self, steps: int) -> None:
         pass
 
 
 Loss = SampledLoss | QuadraticLoss
+
+
+def quadratic_gradient(a: Tensor, r: Tensor, offset: Tensor, rows: Callable[[Tensor], Tensor],
+                       out: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """hs -> 2 (rows(hs) A + r + offset A): the quadratic loss's gradient at dw = offset +
+    rows(hs) (one batched product per call, written into the same buffer, `out`, each time)."""
+    r0 = torch.baddbmm(r, offset, a)
+    out = torch.empty_like(r0) if out is None else out
+    return lambda hs: torch.baddbmm(r0, rows(hs), a, beta=2, alpha=2, out=out)
 
 
 @dataclass(frozen=True)
@@ -200,13 +218,16 @@ class EarlyStop:
         self.binary_since: int | None = None
         self.share = share
 
-    def update(self, step: int, h: Tensor) -> bool:
+    def update(self, step: int, inside: Callable[[], Tensor]) -> bool:
+        """`inside()`: 1 (or True) where h is strictly between 0 and 1, 0 elsewhere; called
+        only at the steps where h is looked at."""
         at_check = (step + 1) % STOP_CHECK == 0
         if self.binary_since is None and not at_check:
             return False
+        mask = inside()
         if self.share is not None:
-            h = h.reshape(-1)[self.share.owned]
-        soft = ((h > 0) & (h < 1)).sum()
+            mask = mask.reshape(-1)[self.share.owned]
+        soft = mask.sum()
         self.soft = soft if self.soft is None else self.soft + soft
         if not at_check:
             return False
@@ -251,19 +272,44 @@ class Adam:
         self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1**self.t))
 
 
-def h_and_slope(v: Tensor) -> tuple[Tensor, Tensor]:
-    """h(V) and dh/dV (zero where h is clipped at 0 or 1)."""
-    sig = torch.sigmoid(v)
-    h = (sig * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-    slope = torch.where((h > 0) & (h < 1), sig * (1 - sig) * (ZETA - GAMMA), 0.0)
-    return h, slope
+class Relaxation:
+    """h(V) and the gradient chain from dL/dW~ to V, in buffers that every step reuses.
 
+    One step of a small layer is a few dozen element-wise kernels on a few thousand values:
+    their launches, allocations and boolean masks, not arithmetic, set its time. So each
+    quantity is written into its buffer in place, the clip of h is a float mask (h - h^2 > 0:
+    1 inside (0, 1), 0 where h is clipped) and constant factors are folded into one product.
+    """
 
-def regularizer_grad(h: Tensor, beta: float | Tensor) -> Tensor:
-    """d f_reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1) (the power as exp2(log2):
-    twice as fast as pow on CPUs, and 0 at h = 1/2 for beta > 1)."""
-    u = 2 * h - 1
-    return torch.exp2(torch.log2(u.abs()) * (beta - 1)) * u.sign() * (-2 * beta)
+    def __init__(self, v: Tensor, s_live: Tensor) -> None:
+        self.sig, self.h, self.inside, self.slope, self.u, self.power, self.grad = (
+            torch.empty_like(v) for _ in range(7))
+        # dL/dV = dL/dW~ * s * dh/dV, with dh/dV = (zeta - gamma) sig (1 - sig) inside the clip
+        self.s_slope = (s_live * (ZETA - GAMMA)).expand_as(v).contiguous()
+
+    def update(self, v: Tensor) -> Tensor:
+        """h(V) (returned; overwritten by the next update) and what `v_grad` needs of it."""
+        torch.mul(torch.sigmoid(v, out=self.sig), ZETA - GAMMA, out=self.h)
+        self.h.add_(GAMMA).clamp_(0.0, 1.0)
+        torch.addcmul(self.h, self.h, self.h, value=-1, out=self.inside).sign_()
+        torch.addcmul(self.sig, self.sig, self.sig, value=-1, out=self.slope).mul_(self.inside)
+        return self.h
+
+    def v_grad(self, grad_w: Tensor, beta: float | None, reg_weight: float) -> Tensor:
+        """d(L + reg_weight * f_reg)/dV from dL/dW~ (`grad_w`, left unchanged), with
+        d f_reg/dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1) where beta is given (the power
+        as exp2(log2): twice as fast as pow on CPUs, and 0 at h = 1/2 for beta > 1)."""
+        g = torch.mul(grad_w.reshape(self.grad.shape), self.s_slope, out=self.grad)
+        if beta is not None and reg_weight:
+            u = torch.mul(self.h, 2, out=self.u).sub_(1)
+            power = torch.abs(u, out=self.power).log2_().mul_(beta - 1).exp2_()
+            g.add_(torch.copysign(power, u, out=power),
+                   alpha=-2 * beta * reg_weight * (ZETA - GAMMA))
+        return g.mul_(self.slope)
+
+    def soft(self) -> Tensor:
+        """1 where h is strictly between 0 and 1, 0 where it is clipped (for `EarlyStop`)."""
+        return self.inside
 
 
 def grid_constants(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
@@ -275,21 +321,6 @@ def grid_constants(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
     live = (base >= qmin) & (base + 1 <= qmax)
     w0 = (base.clamp(qmin, qmax) - zero_point) * scale
     return w_floor, w0, scale * live
-
-
-def v_gradient(grad_w: Tensor, s_live: Tensor, h: Tensor, slope: Tensor, beta: Tensor,
-               reg_weight: Tensor) -> Tensor:
-    """d(loss + reg_weight * f_reg)/dV from dL/dW~, through the grid clip and h(V). beta and
-    reg_weight are 0-dim tensors, so a compiled version does not specialise on their values."""
-    return (grad_w * s_live + reg_weight * regularizer_grad(h, beta)) * slope
-
-
-def step_functions(compiled: bool) -> tuple[Any, Any]:
-    """The element-wise parts of a step, fused into one kernel each by torch.compile if asked
-    (one compilation per process, for all shapes)."""
-    if not compiled:
-        return h_and_slope, v_gradient
-    return compile_once(h_and_slope), compile_once(v_gradient)
 
 
 @torch.no_grad()
@@ -309,8 +340,8 @@ def round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     process's share of a layer's: `share`).
 
     The chain from the loss to V is written out (dL/dW~ from the loss, then through the grid
-    clip, h(V) and the regularizer): the same gradient autograd computes (tested), at a third
-    of the per-step cost on small layers, where the step is dominated by Python and op launches.
+    clip, h(V) and the regularizer): the same gradient autograd computes (tested), at a
+    fraction of the per-step cost on small layers, where the step is dominated by op launches.
     """
     with gpu_matmul_precision(w.device), step_threads(w):
         return _round_weights(w, scale, zero_point, qmin, qmax, objective, cfg, progress, desc,
@@ -360,15 +391,18 @@ def _round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax
     adam = Adam(v, cfg.lr)
     stop = EarlyStop(share) if cfg.early_stop else None
     steps_run = cfg.iters
-    relax, chain = step_functions(cfg.compile)
+    relax = Relaxation(v, s_live)
+    s_live = s_live.expand_as(v).contiguous()
+    hs = torch.empty_like(v)  # h * s_live: W~ = w0 + hs
+    gradients = {id(loss): loss.gradient_at(w0) for loss in (objective.main, objective.warmup)
+                 if loss is not None}
     for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
-        h, slope = relax(v)
-        grad_w = objective.at(step).weight_grad(torch.addcmul(w0, h, s_live))
+        h = relax.update(v)
+        grad_w = gradients[id(objective.at(step))](torch.mul(h, s_live, out=hs))
         beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
                        cfg.beta_decay)
-        reg = cfg.reg_weight if beta is not None else 0.0
-        adam.step(chain(grad_w, s_live, h, slope, v.new_tensor(beta or 2.0), v.new_tensor(reg)))
-        if beta is not None and stop is not None and stop.update(step, h):
+        adam.step(relax.v_grad(grad_w, beta, cfg.reg_weight))
+        if beta is not None and stop is not None and stop.update(step, relax.soft):
             steps_run = step + 1
             objective.main.skip(cfg.iters - steps_run)
             break
