@@ -75,8 +75,8 @@ def short_run_note(cfg: QuantConfig) -> str | None:
 #: QuantConfig.fast(): the quadratic loss is full-batch and deterministic, so few steps at a
 #: larger lr (about 3 / iters: `short_run_note`) reach the codes' accuracy of the paper's long
 #: runs, and the moments of a subset of the positions estimate the full ones closely
-FAST_PRESET: dict[str, Any] = {"iters": 200, "lr": 0.015, "loss": "quadratic",
-                               "moment_positions": 2**17}
+FAST_PRESET: dict[str, Any] = {"iters": 100, "lr": 0.03, "loss": "quadratic",
+                               "moment_positions": 2**15}
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 
 

@@ -286,11 +286,12 @@ class Relaxation:
             torch.empty_like(v) for _ in range(7))
         # dL/dV = dL/dW~ * s * dh/dV, with dh/dV = (zeta - gamma) sig (1 - sig) inside the clip
         self.s_slope = (s_live * (ZETA - GAMMA)).expand_as(v).contiguous()
+        self.minus_one = v.new_tensor(-1.0)
 
     def update(self, v: Tensor) -> Tensor:
         """h(V) (returned; overwritten by the next update) and what `v_grad` needs of it."""
         torch.mul(torch.sigmoid(v, out=self.sig), ZETA - GAMMA, out=self.h)
-        self.h.add_(GAMMA).clamp_(0.0, 1.0)
+        self.h.add_(GAMMA).clamp_(0.0, 1.0)  # as primitives.rectified_sigmoid, to the bit
         torch.addcmul(self.h, self.h, self.h, value=-1, out=self.inside).sign_()
         torch.addcmul(self.sig, self.sig, self.sig, value=-1, out=self.slope).mul_(self.inside)
         return self.h
@@ -301,7 +302,7 @@ class Relaxation:
         as exp2(log2): twice as fast as pow on CPUs, and 0 at h = 1/2 for beta > 1)."""
         g = torch.mul(grad_w.reshape(self.grad.shape), self.s_slope, out=self.grad)
         if beta is not None and reg_weight:
-            u = torch.mul(self.h, 2, out=self.u).sub_(1)
+            u = torch.add(self.minus_one, self.h, alpha=2, out=self.u)
             power = torch.abs(u, out=self.power).log2_().mul_(beta - 1).exp2_()
             g.add_(torch.copysign(power, u, out=power),
                    alpha=-2 * beta * reg_weight * (ZETA - GAMMA))
