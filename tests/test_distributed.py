@@ -336,8 +336,9 @@ def test_each_share_steps_its_weights_bit_for_bit_as_the_whole_layer(
 
 
 def test_torchrun_command_line_writes_the_one_process_file(tmp_path: Path) -> None:
-    """`torchrun --nproc-per-node 2 -m adaround quantize ...`: one file, from process 0, with
-    the 1-process codes; each layer logged once."""
+    """`torchrun --nproc-per-node 2 -m adaround quantize ... --checkpoint DIR`: one file, from
+    process 0, with the 1-process codes; each layer logged once; the progress folder removed
+    once the file is written."""
     import subprocess
     import sys
 
@@ -360,7 +361,8 @@ def test_torchrun_command_line_writes_the_one_process_file(tmp_path: Path) -> No
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         "-m", "adaround", "--threads", "1", *args, "-o", str(tmp_path / "two.pt")],
+         "-m", "adaround", "--threads", "1", *args, "-o", str(tmp_path / "two.pt"),
+         "--checkpoint", str(tmp_path / "progress")],
         env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("quantized 5 layers") == 1
