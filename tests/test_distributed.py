@@ -161,12 +161,12 @@ def _local_folders(out: Path, rank: int) -> str:
 
 def _shard_fisher_weights() -> tuple[int, torch.Tensor]:
     """This process's Fisher weights at the residual block: (first sample, weights)."""
+    from adaround.distributed_units import shared_mean
     from adaround.reconstruct.block_data import fisher_weights
 
     model, x = _model_and_data()
     part = distributed.shard(list(x.split(128)))
-    return part.offset, fisher_weights(model.eval(), "block", part.chunks,
-                                       distributed.shared_mean)
+    return part.offset, fisher_weights(model.eval(), "block", part.chunks, shared_mean)
 
 
 def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adaround import distributed, input_stats
+from adaround import distributed, distributed_units, input_stats
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import (
@@ -233,8 +233,8 @@ def quantize(
         log.info("%s", describe_convention(cfg, trace.names()))
     if cfg.rounding == "adaround" and uses_unit_loop(cfg):  # blocks, QDrop, learned steps
         if distributed.active():  # in a process group: data sharded, gradients summed
-            report = distributed.round_units(fp, qmodel, trace, plans, x, cfg, progress,
-                                             checkpoint)
+            report = distributed_units.round_units(fp, qmodel, trace, plans, x, cfg, progress,
+                                                   checkpoint)
         else:
             report = round_units(fp, qmodel, trace, plans, x, cfg, progress, checkpoint)
     else:

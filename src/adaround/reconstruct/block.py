@@ -45,7 +45,7 @@ from adaround.reconstruct.block_data import UnitInputs, first_tensor
 from adaround.reconstruct.loop import EarlyStop
 
 if TYPE_CHECKING:
-    from adaround.distributed import BatchSplit
+    from adaround.distributed_units import BatchSplit
 
 EVAL_SAMPLES = 1024
 EVAL_CHUNK = 256
@@ -191,7 +191,7 @@ def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
               progress: bool, desc: str, split: BatchSplit | None = None) -> int:
     """Adam on V (and the activation steps); returns the steps run. With `split` (in a
     process group), the batches hold global sample indices, each process computes the loss
-    gradient on its part and the gradients are summed (adaround.distributed)."""
+    gradient on its part and the gradients are summed (adaround.distributed_units)."""
     with _reconstructing(act_quants, cfg, generator) as scales:
         if not roundings and not scales:
             return 0

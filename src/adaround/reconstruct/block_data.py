@@ -136,7 +136,7 @@ def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor],
     predictions (the argmax over the last dimension of its output).
 
     `mean`: the mean over all data (in a process group, where `chunks` are this process's
-    shard: the all-reduced mean, adaround.distributed.shared_mean).
+    shard: the all-reduced mean, adaround.distributed_units.shared_mean).
     """
     grads: list[Tensor] = []
     leaf: list[Tensor] = []
