@@ -412,3 +412,25 @@ def test_whole_layers_go_to_the_least_loaded_process() -> None:
     assert assign([10, 1, 1, 8, 2], 2) == [0, 0, 1, 1, 1]
     assert assign([5, 5, 5], 2) == [0, 1, 0]
     assert assign([3], 4) == [0]
+
+
+def test_qdrop_split_refuses_an_activation_shared_by_all_samples() -> None:
+    """An input that does not grow with the batch (a table every sample shares) has no rows
+    per sample to keep: refused by name before any step."""
+    from adaround.nn.act_quant import ActQuant
+    from adaround.reconstruct.block import check_batch_first
+
+    per_sample, shared = ActQuant(4, True), ActQuant(4, True)
+    table = torch.randn(5, 3)
+
+    class Objective:
+        target = torch.zeros(4, 3)
+
+        def loss(self, params: dict, idx: torch.Tensor) -> None:
+            per_sample(torch.randn(len(idx) * 2, 3))  # two rows per sample: fine
+            shared(table)
+
+    check_batch_first(Objective(), {"block.fc": per_sample})  # type: ignore[arg-type]
+    with pytest.raises(adaround.ConfigError, match="input of block.table does not grow"):
+        check_batch_first(Objective(), {"block.fc": per_sample,  # type: ignore[arg-type]
+                                        "block.table": shared})
