@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class BatchSplit:
     """Block reconstruction across processes: every process draws the same batches of global
     sample indices, keeps those of its shard, and the gradients of the loss on them (weighted
