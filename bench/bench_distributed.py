@@ -67,6 +67,7 @@ def run(args: argparse.Namespace, processes: int, out: Path) -> dict:
                    "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", *common]
     if args.lr is not None:
         command += ["--lr", str(args.lr)]
+    command += args.extra.split()
     if processes == 1:
         launcher = [sys.executable, "-m", "adaround"]
     else:
@@ -103,6 +104,23 @@ def codes_of(path: Path, model: str) -> dict[str, torch.Tensor]:
     return {n: m.codes.clone() for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
 
 
+def top1(path: Path, model: str, limit: int) -> float:
+    """Top-1 % of a quantized CIFAR model on the first `limit` test images (`adaround
+    evaluate`, one thread)."""
+    ref, weights = MODELS[model]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "adaround", "-q", "--threads", "1", "evaluate", ref, "--weights",
+         str(DATA / weights), "--quantized", str(path), "--data",
+         str(DATA / "cifar10" / "cifar10_test.npz"), "--mean", "0.485,0.456,0.406", "--std",
+         "0.229,0.224,0.225", "--limit", str(limit)], env=env, capture_output=True, text=True)
+    found = re.search(r"top-1: ([\d.]+)%", done.stdout)
+    if found is None:
+        raise SystemExit(f"evaluate failed:\n{done.stderr[-2000:]}")
+    return float(found.group(1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="resnet56")
@@ -113,6 +131,10 @@ def main() -> None:
     p.add_argument("--num-calib", type=int, default=1024)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--extra", default="", help="more quantize options for both runs, e.g. "
+                   "'--act-bits 4 --method qdrop' or '--inputs float'")
+    p.add_argument("--evaluate", type=int, default=0, metavar="N",
+                   help="also the top-1 of both results on the first N CIFAR-10 test images")
     p.add_argument("--json", help="append the result as one JSON line here")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -124,16 +146,20 @@ def main() -> None:
                 runs[n].append(run(args, n, paths[n]))
                 print(json.dumps(runs[n][-1]), flush=True)
         one, many = codes_of(paths[1], args.model), codes_of(paths[args.processes], args.model)
+        accuracy = ({n: top1(path, args.model, args.evaluate) for n, path in paths.items()}
+                    if args.evaluate and args.model != "minilm" else None)
     differ = sum(int((one[k] != many[k]).sum()) for k in one)
     total = sum(c.numel() for c in one.values())
     best = {n: min(r["seconds"] for r in rs) for n, rs in runs.items()}
     result = {
         "model": args.model, "bits": args.bits, "iters": args.iters, "loss": args.loss,
+        "extra": args.extra,
         "num_calib": args.num_calib, "processes": args.processes,
         "seconds_1": best[1], f"seconds_{args.processes}": best[args.processes],
         "speedup": round(best[1] / best[args.processes], 2),
         "codes_differ": differ, "codes": total,
         "layers_differ": sorted(k for k in one if not torch.equal(one[k], many[k])),
+        "top1": accuracy, "eval_images": args.evaluate,
         "runs": runs, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,

@@ -37,7 +37,16 @@ CONFIGS = {
     "sampled": dict(weight_bits=3, iters=60, lr=3e-2, loss="sampled", batch_size=32),
     # BRECQ: blocks and learned activation steps, batches split, gradients all-reduced
     "brecq": dict(weight_bits=3, act_bits=4, method="brecq", iters=40, lr=3e-2),
+    # inputs="float": whole layers per process, codes gathered
+    "float": dict(weight_bits=3, per_channel=True, iters=300, lr=0.1, reg_weight=0.3,
+                  loss="quadratic", inputs="float"),
+    # QDrop: each process keeps its rows of the whole batch's masks
+    "qdrop": dict(weight_bits=3, act_bits=4, method="qdrop", iters=40, lr=3e-2),
+    # Fisher-weighted blocks: the weights normalised by all-reduced means
+    "fisher": dict(weight_bits=3, act_bits=4, method="brecq", fisher=True, iters=40, lr=3e-2),
 }
+RESUMED = ("quadratic", "brecq")  # interrupted after STOP_AFTER units, then resumed
+STOP_AFTER = 2
 
 
 HF_CONFIGS = {  # run where transformers is installed
@@ -96,6 +105,70 @@ def _run_hf(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
     return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
 
 
+class _Stopped(Exception):
+    """Raised on every process after STOP_AFTER units: the job killed there."""
+
+
+def _interrupt_and_resume(name: str, out: Path, rank: int
+                          ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A 2-process run stopped after STOP_AFTER units (each process raises once the unit is
+    recorded, as a job killed then), its progress kept for the 1-process resume below, then
+    the same run again: it resumes from the folder both processes share."""
+    from adaround import checkpoint
+
+    folder = out / f"ck_{name}"
+    model, x = _model_and_data()
+    cfg = adaround.QuantConfig(**CONFIGS[name])
+    record = checkpoint.Checkpoint.record
+
+    def stop_after(self: checkpoint.Checkpoint, *args: object) -> None:
+        record(self, *args)
+        if len(self.done) == STOP_AFTER:
+            raise _Stopped
+
+    checkpoint.Checkpoint.record = stop_after  # type: ignore[method-assign]
+    try:
+        adaround.quantize(model, x, cfg, checkpoint_dir=folder)
+        raise AssertionError("the run was not interrupted")
+    except _Stopped:
+        pass
+    finally:
+        checkpoint.Checkpoint.record = record  # type: ignore[method-assign]
+    dist.barrier()  # a restarted job: process 0's last write is done
+    if rank == 0:
+        partial = out / f"partial_{name}"
+        partial.mkdir()
+        (partial / checkpoint.FILE).write_bytes((folder / checkpoint.FILE).read_bytes())
+    qmodel = adaround.quantize(model, x, cfg, checkpoint_dir=folder)
+    return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
+
+
+def _local_folders(out: Path, rank: int) -> str:
+    """Each process given a folder of its own (not shared): process 0's holds progress, process
+    1's none; refused on both."""
+    folder = out / f"local{rank}"
+    folder.mkdir()
+    if rank == 0:
+        (folder / "progress.pt").write_bytes((out / "partial_quadratic/progress.pt").read_bytes())
+    model, x = _model_and_data()
+    try:
+        adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS["quadratic"]),
+                          checkpoint_dir=folder)
+        return "accepted"
+    except distributed.DistributedError as exc:
+        return str(exc)
+
+
+def _shard_fisher_weights() -> tuple[int, torch.Tensor]:
+    """This process's Fisher weights at the residual block: (first sample, weights)."""
+    from adaround.distributed_units import shared_mean
+    from adaround.reconstruct.block_data import fisher_weights
+
+    model, x = _model_and_data()
+    part = distributed.shard(list(x.split(128)))
+    return part.offset, fisher_weights(model.eval(), "block", part.chunks, shared_mean)
+
+
 def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -110,12 +183,10 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
                 Path(out, "error.txt").write_text(str(exc))
             return
         results: dict = {name: _run(name) for name in CONFIGS}
-        model, x = _model_and_data()
-        try:  # resuming across processes is not built: refused, not silently wrong
-            adaround.quantize(model, x, adaround.QuantConfig(iters=10), checkpoint_dir=out)
-            results["checkpoint"] = "accepted"
-        except adaround.ConfigError as exc:
-            results["checkpoint"] = str(exc)
+        for name in RESUMED:
+            results[f"resumed_{name}"] = _interrupt_and_resume(name, Path(out), rank)
+        results["not_shared"] = _local_folders(Path(out), rank)
+        results["fisher_weights"] = _shard_fisher_weights()
         torch.save(results, Path(out, f"rank{rank}.pt"))
     finally:
         if mode != "fail":
@@ -131,7 +202,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("dist")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _spawn(tmp, "codes")
-    return {r: torch.load(tmp / f"rank{r}.pt") for r in range(2)}
+    return {"folder": tmp, **{r: torch.load(tmp / f"rank{r}.pt") for r in range(2)}}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -142,7 +213,8 @@ def test_two_processes_give_the_one_process_codes(name: str, two_processes: dict
         assert codes.keys() == reference.keys()
         differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
         total = sum(c.numel() for c in codes.values())
-        if name in ("quadratic", "hf_quadratic"):  # rows split: bit for bit, same steps
+        if name in ("quadratic", "hf_quadratic", "float"):  # rows split or whole layers:
+            # bit for bit, same steps
             assert differ == 0, f"rank {rank}: {differ} of {total} codes differ"
             assert dist_iters == iters
             if name == "quadratic":  # the shared early stop was exercised
@@ -155,9 +227,59 @@ def test_two_processes_give_the_one_process_codes(name: str, two_processes: dict
         assert torch.equal(two_processes[0][name][0][k], two_processes[1][name][0][k])
 
 
-def test_a_checkpoint_is_refused_across_processes(two_processes: dict) -> None:
+@pytest.mark.parametrize("name", RESUMED)
+def test_an_interrupted_two_process_run_resumes_to_the_one_process_codes(
+        name: str, two_processes: dict) -> None:
+    reference, iters = _run(name)
+    total = sum(c.numel() for c in reference.values())
     for rank in range(2):
-        assert "not supported across processes" in two_processes[rank]["checkpoint"]
+        codes, resumed_iters = two_processes[rank][f"resumed_{name}"]
+        # the resumed run is the uninterrupted 2-process run, bit for bit ...
+        uninterrupted, _ = two_processes[rank][name]
+        for k in codes:
+            assert torch.equal(codes[k], uninterrupted[k]), f"rank {rank}: {k}"
+        # ... which is the 1-process run (rows split: exactly; blocks: a few codes may differ)
+        assert resumed_iters == iters
+        differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
+        assert differ <= (0 if name == "quadratic" else 0.01 * total), f"{differ} differ"
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_a_two_process_checkpoint_resumes_in_one_process(
+        name: str, two_processes: dict, tmp_path: Path) -> None:
+    """The number of processes may change between runs: the codes do not depend on it."""
+    partial = two_processes["folder"] / f"partial_{name}" / "progress.pt"
+    (tmp_path / "progress.pt").write_bytes(partial.read_bytes())
+    assert len(torch.load(partial, weights_only=False)["done"]) == STOP_AFTER
+    model, x = _model_and_data()
+    qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]),
+                               checkpoint_dir=tmp_path)
+    reference, iters = _run(name)
+    codes = _codes(qmodel)
+    differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
+    total = sum(c.numel() for c in codes.values())
+    assert [r.iters for r in qmodel.adaround_report] == iters
+    assert differ <= (0 if name == "quadratic" else 0.01 * total), f"{differ} differ"
+
+
+def test_fisher_weights_are_normalised_over_all_processes(two_processes: dict) -> None:
+    """Each process's rows of the 1-process weights (means of |g| and of the damped weights
+    over all data, not over the shard: here a shard's own means move weights by up to 1 %)."""
+    from adaround.reconstruct.block_data import fisher_weights
+
+    model, x = _model_and_data()
+    whole = fisher_weights(model.eval(), "block", list(x.split(128)))
+    for rank in range(2):
+        offset, weights = two_processes[rank]["fisher_weights"]
+        torch.testing.assert_close(weights, whole[offset:offset + len(weights)], rtol=1e-5,
+                                   atol=0)
+
+
+def test_a_checkpoint_folder_not_shared_is_refused(two_processes: dict) -> None:
+    for rank in range(2):
+        message = two_processes[rank]["not_shared"]
+        assert f"process {rank} of 2" in message
+        assert "process 0: 2, process 1: 0" in message and "storage all processes" in message
 
 
 def test_a_process_that_leaves_stops_the_others(tmp_path: Path) -> None:
@@ -214,8 +336,9 @@ def test_each_share_steps_its_weights_bit_for_bit_as_the_whole_layer(
 
 
 def test_torchrun_command_line_writes_the_one_process_file(tmp_path: Path) -> None:
-    """`torchrun --nproc-per-node 2 -m adaround quantize ...`: one file, from process 0, with
-    the 1-process codes; each layer logged once."""
+    """`torchrun --nproc-per-node 2 -m adaround quantize ... --checkpoint DIR`: one file, from
+    process 0, with the 1-process codes; each layer logged once; the progress folder removed
+    once the file is written."""
     import subprocess
     import sys
 
@@ -238,7 +361,8 @@ def test_torchrun_command_line_writes_the_one_process_file(tmp_path: Path) -> No
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         "-m", "adaround", "--threads", "1", *args, "-o", str(tmp_path / "two.pt")],
+         "-m", "adaround", "--threads", "1", *args, "-o", str(tmp_path / "two.pt"),
+         "--checkpoint", str(tmp_path / "progress")],
         env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("quantized 5 layers") == 1
@@ -249,3 +373,64 @@ def test_torchrun_command_line_writes_the_one_process_file(tmp_path: Path) -> No
     assert _codes(one).keys() == _codes(two).keys()
     for name, codes in _codes(one).items():
         assert torch.equal(codes, _codes(two)[name]), name
+
+
+@pytest.mark.parametrize("shape, channels_last", [((8, 4, 3, 5), True), ((8, 4, 3, 5), False),
+                                                  ((8 * 3, 7), False)])
+def test_qdrop_rows_are_the_rows_of_the_whole_batch_mask(shape: tuple, channels_last: bool
+                                                         ) -> None:
+    """A process holding samples 1, 4 and 5 of a batch of 8 keeps the elements one process
+    keeps there, and leaves the generator where one process leaves it."""
+    from adaround.nn.act_quant import BatchRows, qdrop_mask, qdrop_rows
+
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    per = shape[0] // 8  # rows of x per sample: 3 for the [samples * tokens, features] input
+    g_one, g_part = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    whole = qdrop_mask(x, 0.5, g_one)
+    positions = torch.tensor([1, 4, 5])
+    rows = torch.cat([torch.arange(p * per, (p + 1) * per) for p in positions.tolist()])
+    mine = x[rows]  # in the layout one process's activations have: the same ops made them
+    if channels_last:
+        mine = mine.contiguous(memory_format=torch.channels_last)
+    part = qdrop_rows(mine, 0.5, g_part, BatchRows(positions, 8))
+    assert torch.equal(part, whole[rows])
+    assert torch.equal(g_one.get_state(), g_part.get_state())
+
+
+def test_qdrop_refuses_an_activation_not_batch_first() -> None:
+    from adaround.nn.act_quant import BatchRows, qdrop_rows
+
+    with pytest.raises(adaround.ConfigError, match="batch first"):
+        qdrop_rows(torch.randn(5, 3), 0.5, None, BatchRows(torch.tensor([0, 1]), 4))
+
+
+def test_whole_layers_go_to_the_least_loaded_process() -> None:
+    from adaround.distributed_whole import assign
+
+    assert assign([10, 1, 1, 8, 2], 2) == [0, 0, 1, 1, 1]
+    assert assign([5, 5, 5], 2) == [0, 1, 0]
+    assert assign([3], 4) == [0]
+
+
+def test_qdrop_split_refuses_an_activation_shared_by_all_samples() -> None:
+    """An input that does not grow with the batch (a table every sample shares) has no rows
+    per sample to keep: refused by name before any step."""
+    from adaround.nn.act_quant import ActQuant
+    from adaround.reconstruct.block import check_batch_first
+
+    per_sample, shared = ActQuant(4, True), ActQuant(4, True)
+    table = torch.randn(5, 3)
+
+    class Objective:
+        target = torch.zeros(4, 3)
+
+        def loss(self, params: dict, idx: torch.Tensor) -> None:
+            per_sample(torch.randn(len(idx) * 2, 3))  # two rows per sample: fine
+            shared(table)
+
+    check_batch_first(Objective(), {"block.fc": per_sample})  # type: ignore[arg-type]
+    with pytest.raises(adaround.ConfigError, match="input of block.table does not grow"):
+        check_batch_first(Objective(), {"block.fc": per_sample,  # type: ignore[arg-type]
+                                        "block.table": shared})

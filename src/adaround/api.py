@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from adaround import distributed, input_stats
+from adaround import distributed, distributed_units, input_stats
 from adaround.act_calibration import calibrate_activations, describe_convention
 from adaround.act_config import uses_unit_loop
 from adaround.calibration import (
@@ -35,7 +35,7 @@ from adaround.equivalence import (
     relative_error,
     run_outputs,
 )
-from adaround.errors import CalibrationDataError, ConfigError, ModelError
+from adaround.errors import CalibrationDataError, ModelError
 from adaround.guards import check_finite, check_input_scale, check_result, open_checkpoint
 from adaround.inputs import IndexedInputs, Structured, collect_structured, strip_prefix
 from adaround.nn.act_quant import act_note, act_quant_spec, quantize_layer_input
@@ -195,7 +195,9 @@ def quantize(
 
     `checkpoint_dir`: after each layer or block, the progress goes there; a run killed and
     started again with the same arguments continues where it stopped, with the same result
-    (adaround.checkpoint). Other model, data or options in the folder are refused.
+    (adaround.checkpoint). Other model, data or options in the folder are refused. In a
+    process group (torchrun) process 0 writes it and every process resumes from it: pass a
+    folder on storage all processes share; the number of processes may differ between runs.
 
     Example:
         >>> cfg = QuantConfig(weight_bits=4, iters=10)
@@ -221,10 +223,9 @@ def quantize(
             "pass more samples (hundreds) or lower batch_size"
         )
     check_input_scale(x)
-    if checkpoint_dir is not None and distributed.active():
-        raise ConfigError("checkpoint_dir is not supported across processes yet (torchrun): "
-                          "run without it (--checkpoint), or in one process")
-    checkpoint = open_checkpoint(checkpoint_dir, model, x, cfg)
+    checkpoint = open_checkpoint(checkpoint_dir, model, x, cfg, distributed.rank(),
+                                 distributed.world())
+    distributed.check_same_progress(checkpoint, x.device)
     fp, trace, folded = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
     qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
@@ -233,10 +234,10 @@ def quantize(
         calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)
         log.info("%s", describe_convention(cfg, trace.names()))
     if cfg.rounding == "adaround" and uses_unit_loop(cfg):  # blocks, QDrop, learned steps
-        if distributed.active() and distributed.splits_units(cfg):
-            report = distributed.round_units(fp, qmodel, trace, plans, x, cfg, progress)
+        if distributed.active():  # in a process group: data sharded, gradients summed
+            report = distributed_units.round_units(fp, qmodel, trace, plans, x, cfg, progress,
+                                                   checkpoint)
         else:
-            distributed.not_split("reconstruction with QDrop or Fisher weights")
             report = round_units(fp, qmodel, trace, plans, x, cfg, progress, checkpoint)
     else:
         report = _round_layers(fp, qmodel, plans, x, cfg, progress, checkpoint)
@@ -346,7 +347,7 @@ def _round_layers(
         _round_to_nearest(qmodel, plans)
         return []
     if distributed.active():  # in a process group: data and rows split across processes
-        return distributed.round_layers(fp, qmodel, plans, x, cfg, progress)
+        return distributed.round_layers(fp, qmodel, plans, x, cfg, progress, checkpoint)
     names = [p.name for p in plans if p.reconstructable]
     with budget_store(cfg.memory_budget_mb) as store:
         # inputs="float": both streams are the FP network, and the layers are independent

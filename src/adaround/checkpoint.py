@@ -8,6 +8,13 @@ with the same arguments restores that state and continues with the next unit; si
 later units see exactly the codes, steps and random stream they would have seen, the result
 is identical to an uninterrupted run. A fingerprint that differs is refused.
 
+Inside a process group (torchrun) every process holds the whole quantized model after each
+unit, so process 0 alone writes the file (`writer`) and every process restores from it: the
+folder must be one folder on storage all processes reach (adaround.distributed checks that
+they all see the same progress). The fingerprint holds nothing of the process layout, and the
+number of processes may change between runs: the codes do not depend on it (the batches are
+drawn as global sample indices, the moments are sums over all data).
+
 The file holds pickled report objects: load checkpoints only from folders you wrote.
 """
 
@@ -58,8 +65,9 @@ class Checkpoint:
     """The progress of one run; `Checkpoint(None, ...)` records nothing."""
 
     def __init__(self, folder: str | os.PathLike[str] | None, model: nn.Module, x: Tensor,
-                 cfg: QuantConfig) -> None:
+                 cfg: QuantConfig, writer: bool = True, processes: int = 1) -> None:
         self.path = None if folder is None else Path(folder) / FILE
+        self.writer, self.processes = writer, processes
         self.done: list[str] = []
         self.state: dict[str, Any] | None = None
         if self.path is None:
@@ -96,23 +104,31 @@ class Checkpoint:
         for name, mode in self.state["modes"].items():
             qmodel.get_submodule(name).mode = mode
         generator.set_state(self.state["generator"])
-        log.info("resuming from %s: %d units done (%s)", self.path, len(self.done),
-                 ", ".join(self.done[-3:]))
+        level = logging.INFO if self.writer else logging.DEBUG  # said once in a process group
+        log.log(level, "resuming from %s: %d units done (%s)", self.path, len(self.done),
+                ", ".join(self.done[-3:]))
+        before = self.state.get("processes", 1)
+        if before != self.processes:
+            log.log(level, "the checkpoint was written by a run on %d process(es), this one "
+                    "runs on %d: the codes do not depend on it", before, self.processes)
         return list(self.state["report"])
 
     def record(self, names: list[str], qmodel: nn.Module, generator: torch.Generator,
                report: list[Any]) -> None:
-        """Units `names` are done: write the state after them (atomically)."""
+        """Units `names` are done: write the state after them (atomically; in a process group,
+        process 0 alone writes, every process holds the same state)."""
         if self.path is None:
             return
         from adaround.io import atomic_write
 
         self.done.extend(names)
+        if not self.writer:
+            return
         state = {
             "fingerprint": self.fingerprint, "done": self.done, "report": list(report),
             "buffers": {k: v.detach().cpu().clone() for k, v in qmodel.named_buffers()},
             "modes": {n: m.mode for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)},
-            "generator": generator.get_state(),
+            "generator": generator.get_state(), "processes": self.processes,
         }
         atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 

@@ -18,17 +18,40 @@ layer-wise path of `quantize` splits its work; with one process nothing here run
   STOP_CHECK steps, so the layer stops at the step it stops at in one process). The codes are
   then summed by all-reduce (each process fills its rows, zeros elsewhere), so every process
   holds the whole quantized layer before the next one.
+- inputs="float" (`distributed_whole`): the layers are independent, so each process rounds
+  whole stacks of same-shaped layers from the all-reduced moments (no rows split, no
+  communication during the steps), and one all-reduce gathers the codes.
 - Sampled loss (`ShardSampledLoss`): every process draws the same batches, global sample
   indices from the generator seeded as in one process; each computes the gradient of the part
   of the batch it holds, weighted by its share of the batch (the 1-process normalisation), and
   the gradients are summed by all-reduce, so every process takes the same step: the 1-process
   step up to the order of the float additions.
 
-- Blocks (BRECQ, learned activation steps; `BatchSplit`): as the sampled loss, the regulariser's
-  gradient added after the sum. QDrop (masks drawn per batch) and Fisher weights (normalised
-  over all data) are not split: every process runs them whole, the same result.
+- Blocks (BRECQ, learned activation steps; `distributed_units.BatchSplit`): as the sampled
+  loss, the regulariser's gradient added after the sum.
+- QDrop: one process draws each batch's masks from the seeded generator, activation by
+  activation, byte by byte in memory order. Every process draws those same bytes for the whole
+  batch and keeps the rows of the samples it holds (`nn.act_quant.qdrop_rows`), so it keeps
+  the elements one process keeps, and the generator stays the 1-process one; a process that
+  holds none of a batch runs one of its samples, weighted 0, to draw them. This needs each
+  quantized activation to hold its samples batch first (conv and Linear inputs, contiguous or
+  channels-last); two probe passes per unit check it (`block.check_batch_first`) and refuse
+  a unit where it does not hold. The masks' random bytes are not split (each process draws
+  all of them): a fixed cost per step.
+- Fisher weights: the gradients at a block's output are computed on the shard; the two
+  means that normalise them (of |g| and of the damped weights) are all-reduced
+  (`distributed_units.shared_mean`, float64 sums), the 1-process means up to float rounding.
 - `quantize_hf`: each process holds a contiguous run of the calibration batches; the token
   rows of a layer enter the moments or the sampled loss as above (`round_hf_layer`).
+- Resume (`checkpoint_dir`): every process holds the whole quantized model after each unit,
+  so process 0 writes the checkpoint (atomically) and every process restores from it; the
+  folder must be on storage all processes reach (a network file system across machines).
+  `check_same_progress` compares the units done on every process after opening it and
+  raises DistributedError where they differ (a folder local to each machine). The
+  fingerprint holds nothing of the process layout, and the number of processes may change
+  between runs: the batches are drawn as global sample indices and the moments are sums over
+  all data, so the codes do not depend on it (the quadratic path bit for bit, the others up
+  to the order of float sums, as for an uninterrupted run).
 
 Bit for bit: CPU element-wise kernels compute the last (size mod 32) elements of a tensor on a
 scalar path and the rest in vector registers, and sigmoid or exp2 differ in the last bit
@@ -45,6 +68,7 @@ exits with an error.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -59,6 +83,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from adaround.checkpoint import Checkpoint
 from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
 from adaround.nn.act_quant import quantize_layer_input
@@ -139,11 +164,24 @@ def launched_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def not_split(what: str) -> None:
-    """Say (once, from process 0) that `what` runs whole on every process."""
-    if active() and rank() == 0:
-        log.warning("%s is not split across processes yet: each of the %d processes runs all of "
-                    "it (the same result as one process, no speed-up)", what, world())
+def check_same_progress(checkpoint: Checkpoint, device: torch.device) -> None:
+    """Every process must resume from the same units done: process 0 writes the checkpoint
+    and the others read it, so its folder must be one folder all processes reach. A folder
+    local to each machine shows up here (progress on some processes, none on others)."""
+    if not active() or checkpoint.path is None:
+        return
+    digest = hashlib.sha256("\n".join(checkpoint.done).encode()).digest()
+    seen = torch.zeros(2, world(), dtype=torch.float64, device=device)
+    seen[0, rank()] = len(checkpoint.done)
+    seen[1, rank()] = int.from_bytes(digest[:6], "big")  # 48 bits: exact in float64
+    seen = all_sum(seen)
+    if bool((seen != seen[:, :1]).any()):
+        done = ", ".join(f"process {r}: {int(n)}" for r, n in enumerate(seen[0].tolist()))
+        raise DistributedError(
+            f"{where()}the processes see different progress in checkpoint_dir "
+            f"{checkpoint.path.parent} (units done, {done}): process 0 writes it and every "
+            "process resumes from it, so pass a folder on storage all processes share (a "
+            "network file system on several machines), or delete it to start over")
 
 
 @dataclass(frozen=True)
@@ -347,11 +385,13 @@ def adaround_layer(name: str, qlayer: QuantLayer, x: Tensor, target: Tensor,
 
 
 def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Tensor,
-                 cfg: QuantConfig, progress: bool) -> list[LayerResult]:
+                 cfg: QuantConfig, progress: bool, checkpoint: Checkpoint) -> list[LayerResult]:
     """`adaround.api._round_layers` across the processes of the group: data sharded, rows
     split (quadratic loss) or gradients summed (sampled loss); progress and logs from process
-    0. With inputs="float", the layers are rounded one by one (the same codes as stacked)."""
+    0, the checkpoint written by process 0 after each layer. With inputs="float", the layers
+    on the quadratic loss are rounded whole, each on one process (distributed_whole)."""
     from adaround import api  # api imports this module
+    from adaround.distributed_whole import round_whole
 
     progress = progress and rank() == 0
     names = [p.name for p in plans if p.reconstructable]
@@ -360,13 +400,16 @@ def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Te
         log.info("%d processes: process 0 holds %d of %d calibration samples", world(),
                  part.count, part.total)
     generator = torch.Generator().manual_seed(cfg.seed)
-    report: list[LayerResult] = []
+    report: list[LayerResult] = checkpoint.restore(qmodel, generator)
+    whole: list[tuple[str, QuantLayer, Moments]] = []
     with budget_store(cfg.memory_budget_mb) as store:
         source = fp if cfg.inputs == "float" else qmodel
         engine = make_engine(fp, source, part.chunks, names, store)
         for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):
             if plan.info is None or not plan.reconstructable:
                 api._round_to_nearest(qmodel, [plan])
+                continue
+            if plan.name in checkpoint.done:
                 continue
             start = time.perf_counter()
             activation = plan.info.activation if cfg.loss_after_activation else None
@@ -375,95 +418,28 @@ def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Te
             xq = quantize_layer_input(qlayer, xq)
             moments = api._layer_moments(engine, plan.name, qlayer, xq, cfg, shared_moments,
                                          part.total)
+            if (cfg.inputs == "float" and moments is not None
+                    and cfg.loss in ("auto", "quadratic")):
+                whole.append((plan.name, qlayer, moments))  # independent: rounded below
+                continue
             result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                     progress, start, moments, part)
             del xq, target, moments
             report.append(result)
+            checkpoint.record([plan.name], qmodel, generator, report)
             if rank() == 0:
                 api._log_layer(result, plan, qlayer, cfg, activation is not None)
-    return report
-
-
-class BatchSplit:
-    """Block reconstruction across processes: every process draws the same batches of global
-    sample indices, keeps those of its shard, and the gradients of the loss on them (weighted
-    by their share of the batch) are summed over processes before the regulariser's gradient,
-    the same everywhere, is added; so every process takes the same step."""
-
-    def __init__(self, part: Shard) -> None:
-        self.offset, self.count, self.total = part.offset, part.count, part.total
-
-    def local(self, idx: Tensor) -> Tensor:
-        """The batch's samples held here, as indices into this process's shard."""
-        idx = idx - self.offset
-        return idx[(idx >= 0) & (idx < self.count)]
-
-    def backward(self, loss: Tensor, share: float, reg: Tensor | None,
-                 params: list[Tensor]) -> None:
-        """Fill every param's .grad: share * d loss (summed over processes) + d reg."""
-        if share > 0:
-            (loss * share).backward(retain_graph=reg is not None)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            all_sum(p.grad)
-        if reg is not None:
-            reg.backward()
-
-    def evaluator(self, objective: Any) -> Callable[[dict[str, Tensor]], float]:
-        """The unit's loss on the first EVAL_SAMPLES samples of all processes."""
-        keep = max(0, min(self.count, EVAL_SAMPLES - self.offset))
-
-        def evaluate(params: dict[str, Tensor]) -> float:
-            local = objective.evaluate(params, keep) if keep else 0.0
-            sums = all_sum(torch.tensor([local * keep, float(keep)], dtype=torch.float64,
-                                        device=objective.target.device))
-            return (sums[0] / sums[1].clamp(min=1)).item()
-
-        return evaluate
-
-
-def splits_units(cfg: QuantConfig) -> bool:
-    """Block reconstruction splits its batches across processes unless QDrop (its random
-    masks are drawn per batch) or the Fisher weights (normalised over all data) are on."""
-    return cfg.qdrop is None and not cfg.fisher
-
-
-def round_units(fp: nn.Module, qmodel: nn.Module, trace: Any, plans: list[LayerPlan],
-                x: Tensor, cfg: QuantConfig, progress: bool) -> list[Any]:
-    """`adaround.reconstruct.units.round_units` across the processes of the group: data
-    sharded, each batch's gradient summed over processes; progress and logs from process 0."""
-    from adaround.reconstruct import units
-    from adaround.reconstruct.block import reconstruct_unit
-
-    progress = progress and rank() == 0
-    for plan in plans:
-        if not plan.reconstructable:
-            qlayer: Any = qmodel.get_submodule(plan.name)
-            qlayer.set_codes(qlayer.nearest_codes())
-    all_units = units.units_of(fp, trace, plans, x, cfg)
-    blocks = [u for u in all_units if u.kind == "block"]
-    infos = {p.name: p.info for p in plans}
-    bits = {p.name: p.bits for p in plans}
-    part = shard(list(x.split(units.FORWARD_BATCH)))
-    split = BatchSplit(part)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    report = []
-    with budget_store(cfg.memory_budget_mb) as store:
-        engine = make_engine(fp, qmodel, part.chunks, [u.name for u in all_units], store,
-                             blocks=frozenset(u.name for u in blocks))
-        for unit in tqdm(all_units, desc="units", unit="unit", disable=not progress):
-            start = time.perf_counter()
-            activation = units.unit_activation(unit, infos.get(unit.name), cfg)
-            inputs = engine.unit_inputs(unit.name)
-            target = engine.unit_target(unit.name, activation)
-            result = reconstruct_unit(unit, qmodel, inputs, target, activation, None, cfg,
-                                      generator, progress, start, split)
-            del inputs, target
-            report.append(result)
-            if rank() == 0:
-                log.info("%s", units._describe(result, cfg, bits))
-    return report
+    by_name = {p.name: p for p in plans}
+    whole_results = round_whole(whole, cfg, progress)
+    for result in whole_results:
+        report.append(result)
+        if rank() == 0:
+            api._log_layer(result, by_name[result.name], qmodel.get_submodule(result.name),
+                           cfg, False)
+    if whole_results:
+        checkpoint.record([r.name for r in whole_results], qmodel, generator, report)
+    order = {p.name: i for i, p in enumerate(plans)}
+    return sorted(report, key=lambda r: order[r.name])
 
 
 def round_hf_layer(name: str, qlayer: QuantLayer, x_q: list[Tensor], x_fp: list[Tensor],

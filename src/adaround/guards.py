@@ -62,8 +62,9 @@ def check_result(name: str, loss_nearest: float, loss_adaround: float) -> None:
 
 
 def open_checkpoint(folder: str | os.PathLike[str] | None, model: nn.Module, x: Tensor,
-                    cfg: QuantConfig) -> Checkpoint:
-    """The run's checkpoint (None: none), its folder checked writable before any work."""
+                    cfg: QuantConfig, rank: int = 0, processes: int = 1) -> Checkpoint:
+    """The run's checkpoint (None: none), its folder checked writable before any work; in a
+    process group of `processes`, process `rank` 0 writes it."""
     if folder is not None:
         check_output_path(os.path.join(os.fspath(folder), "progress.pt"), "checkpoint_dir")
-    return Checkpoint(folder, model, x, cfg)
+    return Checkpoint(folder, model, x, cfg, writer=rank == 0, processes=processes)

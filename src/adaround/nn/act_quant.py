@@ -14,11 +14,13 @@ saved model records beside it (see `act_quant_spec` / `attach_act_quants`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from adaround.errors import ConfigError
 from adaround.fused import compile_once
 from adaround.primitives import int_range
 
@@ -102,6 +104,44 @@ def qdrop_mask(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor
     return keep.to(x.device)
 
 
+@dataclass(frozen=True)
+class BatchRows:
+    """Which samples of a batch of `batch` samples an activation holds (in a process group,
+    each process runs the unit on its part of the batch): their positions in the batch."""
+
+    positions: Tensor  # int64, in the order of the activation's samples
+    batch: int
+
+
+def qdrop_rows(x: Tensor, p: float, generator: torch.Generator | None, rows: BatchRows) -> Tensor:
+    """The rows `rows.positions` of the mask `qdrop_mask` draws for the whole batch, for an
+    x holding only those samples: every process draws the whole batch's random bytes (the
+    1-process stream) and compares only its samples' bytes, so N processes keep the elements
+    one process keeps.
+
+    x must hold its samples batch first in memory (equal runs of dim 0, as conv and Linear
+    inputs are, contiguous or channels-last), as one process's x then does: sample j's
+    elements are then bytes [j n, (j + 1) n) of the stream in both.
+    """
+    keep = torch.empty_like(x, dtype=torch.bool, device="cpu")
+    threshold = round(min(max(p, 0.0), 1.0) * 256)
+    if threshold in (0, 256):
+        return keep.fill_(threshold == 256).to(x.device)
+    count, n = len(rows.positions), keep.numel()
+    per = n // max(count, 1)
+    if count == 0 or per * count != n or x.shape[0] % count or (
+            x.shape[0] > 1 and keep.stride(0) * x.shape[0] != n):
+        raise ConfigError(
+            f"QDrop across processes: an activation of shape {tuple(x.shape)} does not hold "
+            f"its {count} samples batch first: run QDrop in one process (or without qdrop)")
+    total = per * rows.batch
+    words = torch.empty((total + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1,
+                                                                      generator=generator)
+    mine = words.view(torch.uint8)[:total].view(rows.batch, per)[rows.positions.cpu()]
+    torch.lt(mine.reshape(-1), threshold, out=keep.as_strided((n,), (1,)))
+    return keep.to(x.device)
+
+
 def fake_quantize_act(x: Tensor, scale: Tensor, qmin: int, qmax: int,
                       keep: Tensor | None = None, fused: bool = False) -> Tensor:
     """clamp(round(x / scale), qmin, qmax) * scale with the STE / LSQ gradients; where `keep`
@@ -127,6 +167,7 @@ class ActQuant(nn.Module):
         self.enabled = True
         self.qdrop: float | None = None  # during reconstruction: P(element is quantized)
         self.generator: torch.Generator | None = None  # for the QDrop masks
+        self.rows: BatchRows | None = None  # in a process group: this process's samples
         self.fused = False  # during reconstruction with compile=True: torch.compile'd passes
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,7 +176,8 @@ class ActQuant(nn.Module):
         scale = self.scale.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
         keep = None
         if self.qdrop is not None and self.qdrop < 1.0:
-            keep = qdrop_mask(x, self.qdrop, self.generator)
+            keep = (qdrop_mask(x, self.qdrop, self.generator) if self.rows is None else
+                    qdrop_rows(x, self.qdrop, self.generator, self.rows))
         return fake_quantize_act(x, scale, self.qmin, self.qmax, keep, self.fused)
 
     @property

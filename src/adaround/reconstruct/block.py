@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from adaround.blocks import Unit
 from adaround.config import QuantConfig
+from adaround.errors import ConfigError
 from adaround.nn.act_quant import ActQuant
 from adaround.nn.quant_layer import QuantLayer
 from adaround.primitives import (
@@ -44,7 +45,7 @@ from adaround.reconstruct.block_data import UnitInputs, first_tensor
 from adaround.reconstruct.loop import EarlyStop
 
 if TYPE_CHECKING:
-    from adaround.distributed import BatchSplit
+    from adaround.distributed_units import BatchSplit
 
 EVAL_SAMPLES = 1024
 EVAL_CHUNK = 256
@@ -153,8 +154,36 @@ def _reconstructing(act_quants: list[ActQuant], cfg: QuantConfig,
         yield scales
     finally:
         for aq in act_quants:
-            aq.qdrop, aq.generator, aq.fused = None, None, False
+            aq.qdrop, aq.generator, aq.fused, aq.rows = None, None, False, None
             aq.scale.requires_grad_(False)
+
+
+@torch.no_grad()
+def check_batch_first(objective: UnitObjective, act_quants: dict[str, ActQuant]) -> None:
+    """QDrop split across processes draws the whole batch's mask and keeps the rows of this
+    process's samples (nn.act_quant.qdrop_rows); that needs every quantized activation to
+    grow with the batch, batch first. Two forward passes (of 1 and 2 copies of a sample) show
+    it before any step; an activation that does not (a table shared by all samples, a
+    sequence-first layout) is refused by name rather than drawn wrong."""
+    sizes: dict[str, list[tuple[int, int]]] = {name: [] for name in act_quants}
+    handles = [aq.register_forward_hook(
+        lambda _m, _a, out, name=name: sizes[name].append((out.shape[0], out.numel())))
+        for name, aq in act_quants.items()]
+    try:
+        for n in (1, 2):
+            objective.loss({}, torch.zeros(n, dtype=torch.long, device=objective.target.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, seen in sizes.items():
+        calls = len(seen) // 2
+        for (rows1, n1), (rows2, n2) in zip(seen[:calls], seen[calls:]):
+            if rows2 != 2 * rows1 or n2 != 2 * n1:
+                raise ConfigError(
+                    f"QDrop across processes: the input of {name} does not grow with the batch "
+                    f"along its first dimension ({rows1} rows for one sample, {rows2} for two): "
+                    "its random mask cannot be split by samples; run QDrop in one process (or "
+                    "without qdrop)")
 
 
 def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
@@ -162,7 +191,7 @@ def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
               progress: bool, desc: str, split: BatchSplit | None = None) -> int:
     """Adam on V (and the activation steps); returns the steps run. With `split` (in a
     process group), the batches hold global sample indices, each process computes the loss
-    gradient on its part and the gradients are summed (adaround.distributed)."""
+    gradient on its part and the gradients are summed (adaround.distributed_units)."""
     with _reconstructing(act_quants, cfg, generator) as scales:
         if not roundings and not scales:
             return 0
@@ -178,8 +207,9 @@ def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
         for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
             idx = torch.randint(count, (batch,), generator=generator).to(device)
             hs = [rectified_sigmoid(r.v) for r in roundings]
+            share = 1.0
             if split is not None:
-                idx = split.local(idx)
+                idx, share = split.batch_part(idx, batch, act_quants if cfg.qdrop else [])
             loss = objective.loss({r.key: r.soft(h) for r, h in zip(roundings, hs)}, idx)
             beta = beta_at(step, cfg.iters, cfg.warm_start, cfg.beta_start, cfg.beta_end,
                            cfg.beta_decay)
@@ -189,7 +219,7 @@ def _optimise(roundings: list[_Rounding], act_quants: list[ActQuant],
                 if o is not None:
                     o.zero_grad(set_to_none=True)
             if split is not None:
-                split.backward(loss, len(idx) / batch, reg, [r.v for r in roundings] + scales)
+                split.backward(loss, share, reg, [r.v for r in roundings] + scales)
             else:
                 (loss if reg is None else loss + reg).backward()
             for o in (opt, act_opt, act_sched):
@@ -225,6 +255,8 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, inputs: UnitInputs, target: 
     objective = UnitObjective(qunit, inputs, target, activation, qlayers[-1].channel_dim, weights)
     evaluate = objective.evaluate if split is None else split.evaluator(objective)
     loss_nearest = evaluate(nearest)
+    if split is not None and cfg.qdrop is not None and act_quants:
+        check_batch_first(objective, act_quants)
     step_start = time.perf_counter()
     steps = _optimise(roundings, list(act_quants.values()), objective, cfg, generator, progress,
                       unit.name, split)

@@ -122,7 +122,8 @@ def capture_outputs(model: nn.Module, name: str, chunks: list[Tensor],
     return stack_outputs(outputs, activation)
 
 
-def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor]) -> Tensor:
+def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor],
+                   mean: Callable[[Tensor], Tensor] = torch.mean) -> Tensor:
     """BRECQ's diagonal Fisher at module `name`'s output, damped: (1 + |g| / mean |g|)^2 per
     element and sample, g the gradient of the task loss there, normalised to mean 1 (so lambda
     keeps its meaning).
@@ -133,6 +134,9 @@ def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor]) -> Tensor:
     Scaling g by its mean keeps the floor of 1 and makes the Fisher term count whatever the
     loss's scale. No labels: the loss is the cross-entropy against the FP network's own
     predictions (the argmax over the last dimension of its output).
+
+    `mean`: the mean over all data (in a process group, where `chunks` are this process's
+    shard: the all-reduced mean, adaround.distributed_units.shared_mean).
     """
     grads: list[Tensor] = []
     leaf: list[Tensor] = []
@@ -161,5 +165,5 @@ def fisher_weights(model: nn.Module, name: str, chunks: list[Tensor]) -> Tensor:
     finally:
         handle.remove()
     g = torch.cat(grads)
-    weights = (1 + g / g.mean().clamp_min(torch.finfo(g.dtype).tiny)).pow(2)
-    return fast_layout(weights / weights.mean())
+    weights = (1 + g / mean(g).clamp_min(torch.finfo(g.dtype).tiny)).pow(2)
+    return fast_layout(weights / mean(weights))
