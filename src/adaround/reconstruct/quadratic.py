@@ -134,9 +134,9 @@ def _blocks(x_q: Tensor, x_fp: Tensor, per_sample: int) -> Iterator[tuple[Tensor
 
 
 def _window_rows(layer: nn.Module) -> bool:
-    """2-D convolutions without groups and with zero padding: their patches are copied as rows
-    straight from the channels-last windows (`patch_rows`)."""
-    return (isinstance(layer, nn.Conv2d) and layer.groups == 1
+    """2-D convolutions with zero padding: their patches are copied as rows straight from the
+    channels-last windows (`patch_rows`)."""
+    return (isinstance(layer, nn.Conv2d)
             and (layer.padding_mode == "zeros" or not any(layer._reversed_padding_repeated_twice))
             and not isinstance(layer.padding, str))
 
@@ -156,19 +156,24 @@ def patch_rows(layer: nn.Module, x: Tensor, every: int = 1, seed: int = 0) -> Te
     for i in (0, 1):  # each unfold appends one kernel axis at the end: [N, H', W', C, kh, kw]
         k, s, dil = layer.kernel_size[i], layer.stride[i], layer.dilation[i]
         v = v.unfold(1 + i, dil * (k - 1) + 1, s)[..., ::dil]
-    v = v.permute(0, 1, 2, 4, 5, 3)  # [N, H', W', kh, kw, C]
+    g = layer.groups
+    # [N, H', W', kh, kw, g, C / g] -> [g, N, H', W', kh, kw, C / g]: one group's rows together
+    v = v.permute(0, 1, 2, 4, 5, 3).unflatten(5, (g, v.shape[3] // g))
+    v = v.permute(5, 0, 1, 2, 3, 4, 6)
     d = math.prod(v.shape[-3:])
     if every == 1:
-        return v.reshape(1, -1, d)
-    return torch.cat([sub.reshape(-1, d) for sub in subsample(v, every)]).unsqueeze(0)
+        return v.reshape(g, -1, d)
+    return torch.cat([sub.reshape(g, -1, d) for sub in subsample(v, every, first=1)], dim=1)
 
 
-def subsample(v: Tensor, every: int) -> list[Tensor]:
-    """Every `every`-th row and column of the output positions of [N, H', W', ...], the grid
-    shifted from sample to sample through all every^2 offsets: 1 / every^2 of the positions,
-    spread evenly over the image and the samples, as strided views (copied without a gather)."""
-    period = every * every
-    return [v[k::period, k // every::every, k % every::every] for k in range(period)]
+def subsample(v: Tensor, every: int, first: int = 0) -> list[Tensor]:
+    """Every `every`-th row and column of the output positions of [..., N, H', W', ...] (N at
+    dim `first`), the grid shifted from sample to sample through all every^2 offsets: 1 /
+    every^2 of the positions, spread evenly over the image and the samples, as strided views
+    (copied without a gather)."""
+    period, lead = every * every, (slice(None),) * first
+    return [v[(*lead, slice(k, None, period), slice(k // every, None, every),
+               slice(k % every, None, every))] for k in range(period)]
 
 
 def sampled_positions(positions: int, keep: float, seed: int) -> Tensor | None:
