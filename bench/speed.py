@@ -95,7 +95,8 @@ def run_ours(args: argparse.Namespace) -> dict:
         cfg = adaround.QuantConfig.fast(**options)
     else:
         cfg = adaround.QuantConfig(iters=args.iters, loss=args.loss,
-                                   early_stop=not args.no_early_stop, **options)
+                                   early_stop=not args.no_early_stop,
+                                   **({"lr": args.lr} if args.lr else {}), **options)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start, cpu_start = time.perf_counter(), time.process_time()
     qmodel = adaround.quantize(model, calib, cfg)
@@ -142,6 +143,8 @@ def _worker_cmd(args: argparse.Namespace, num_calib: int, preset: str | None = N
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model,
            "--bits", str(args.bits), "--grid", args.grid, "--num-calib", str(num_calib),
            "--iters", str(args.iters), "--seed", str(args.seed), "--loss", args.loss]
+    if args.lr:
+        cmd += ["--lr", str(args.lr)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.no_early_stop:
@@ -261,6 +264,7 @@ def main() -> int:
     p.add_argument("--num-calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="Adam's lr for V (default: the config's, 1e-3)")
     p.add_argument("--loss", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-early-stop", action="store_true")

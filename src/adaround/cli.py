@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaround: learn each weight's rounding (default); nearest: round to "
                    "the nearest grid point (the baseline, same grid)")
     q.add_argument("--fast", action="store_true", help="the time-to-accuracy preset "
-                   "(QuantConfig.fast(): 100 steps at lr 0.03 on the quadratic loss, moments "
+                   "(QuantConfig.fast(): 100 steps at lr 0.03, moments "
                    "from at most 32768 positions); options given beside it win")
     q.add_argument("--iters", type=int, help=f"iterations per layer ({d.iters})")
     q.add_argument("--batch-size", type=int, default=d.batch_size,

@@ -20,7 +20,8 @@ independent, and those of one shape are rounded in one loop with batched kernels
 moments are computed: a seeded uniform subset of that many where a layer has more (its cost
 falls in proportion; accuracy: BENCHMARKS.md). None (the default): all of them, exact.
 `QuantConfig.fast()` is the preset measured to reach the default's accuracy in a fraction of
-its time (few steps at a matching lr on the quadratic loss, subsampled moments).
+its time on the CIFAR ResNets (few steps at a matching lr where the quadratic loss is taken,
+subsampled moments); EfficientNet-Lite0 needs more steps (BENCHMARKS.md, "Time to accuracy").
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
 `lr` 1e-3 is the paper's for 10k-20k iterations. An Adam step moves V by about lr, and V spans
@@ -75,7 +76,7 @@ def short_run_note(cfg: QuantConfig) -> str | None:
 #: QuantConfig.fast(): the quadratic loss is full-batch and deterministic, so few steps at a
 #: larger lr (about 3 / iters: `short_run_note`) reach the codes' accuracy of the paper's long
 #: runs, and the moments of a subset of the positions estimate the full ones closely
-FAST_PRESET: dict[str, Any] = {"iters": 100, "lr": 0.03, "loss": "quadratic",
+FAST_PRESET: dict[str, Any] = {"iters": 100, "lr": 0.03, "loss": "auto",
                                "moment_positions": 2**15}
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 
