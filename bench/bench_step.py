@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_prepare import _best  # noqa: E402
+
 from adaround import QuantConfig
 from adaround.nn.quant_layer import QuantLayer
 from adaround.reconstruct.batched import round_stacked
@@ -47,15 +50,6 @@ def _layer(c_in: int, c_out: int, k: int, hw: int, n: int = 32) -> tuple[QuantLa
     return qlayer, accumulate_moments(layer, [(x + 0.05 * torch.randn_like(x), x)]), x
 
 
-def _best(fn, repeats: int = 2) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def step_rows(iters: int) -> list[dict]:
     rows = []
     print("| layer | weights | ms/step | matmul alone ms | matmul GFLOP/s | matmul share of "
@@ -64,10 +58,10 @@ def step_rows(iters: int) -> list[dict]:
     for name, *shape in SHAPES:
         qlayer, moments, _ = _layer(*shape)
         step = _best(lambda: run_rounding(qlayer, Objective(QuadraticLoss(qlayer, moments)),  # noqa: B023
-                                          cfg)) / iters
+                                          cfg), 2) / iters
         a, r = moments.a, moments.r  # type: ignore[attr-defined]
         dw, out = torch.randn_like(r), torch.empty_like(r)
-        matmul = _best(lambda: [torch.baddbmm(r, dw, a, out=out) for _ in range(iters)]) / iters  # noqa: B023
+        matmul = _best(lambda: [torch.baddbmm(r, dw, a, out=out) for _ in range(iters)], 2) / iters  # noqa: B023
         flops = 2 * r.numel() * a.shape[-1]
         rows.append({"layer": name, "weights": qlayer.layer.weight.numel(), "step_ms": 1e3 * step,
                      "matmul_ms": 1e3 * matmul, "matmul_gflops": flops / matmul / 1e9,
@@ -79,7 +73,7 @@ def step_rows(iters: int) -> list[dict]:
 
 def peak_gflops() -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    seconds = _best(lambda: [a @ b for _ in range(5)]) / 5
+    seconds = _best(lambda: [a @ b for _ in range(5)], 2) / 5
     return 2 * 2048**3 / seconds / 1e9
 
 
@@ -92,8 +86,8 @@ def moment_rows(samples: int, peak: float) -> list[dict]:
         layer = nn.Conv2d(c_in, c_out, k, padding=k // 2)
         x = torch.randn(samples, c_in, hw, hw)
         x_q = x + 0.05 * torch.randn_like(x)
-        full = _best(lambda: accumulate_moments(layer, [(x_q, x)]))  # noqa: B023
-        part = _best(lambda: accumulate_moments(layer, [(x_q, x)], keep=0.25))  # noqa: B023
+        full = _best(lambda: accumulate_moments(layer, [(x_q, x)]), 2)  # noqa: B023
+        part = _best(lambda: accumulate_moments(layer, [(x_q, x)], keep=0.25), 2)  # noqa: B023
         positions = patches(layer, x[:1]).shape[1] * samples
         d = c_in * k * k
         # Gram lower triangle (5/8 of d^2 for 4x4 blocks, 3/4 for 2x2), r, the conv on e

@@ -66,3 +66,24 @@ def test_unknown_option_is_a_usage_error(capsys) -> None:  # type: ignore[no-unt
         main(["quantize", MODEL, "--calib", "x.npz", "-o", "q.pt", "--bitz", "4"])
     assert exc.value.code == 2
     assert "unrecognized arguments: --bitz" in capsys.readouterr().err
+
+
+def test_fast_preset_and_options_beside_it(tmp_path, data) -> None:  # type: ignore[no-untyped-def]
+    from adaround.cli import build_parser, config_from_args
+    from adaround.config import FAST_PRESET
+
+    parser = build_parser()
+    base = ["quantize", MODEL, "--calib", str(data), "-o", str(tmp_path / "q.pt")]
+    plain = config_from_args(parser.parse_args(base))
+    assert (plain.iters, plain.lr, plain.loss, plain.moment_positions) == (10000, 1e-3, "auto",
+                                                                            None)
+    fast = config_from_args(parser.parse_args([*base, "--fast"]))
+    assert (fast.iters, fast.lr, fast.moment_positions) == (
+        FAST_PRESET["iters"], FAST_PRESET["lr"], FAST_PRESET["moment_positions"])
+    mixed = config_from_args(parser.parse_args([*base, "--fast", "--iters", "300",
+                                                "--moment-positions", "1000"]))
+    assert (mixed.iters, mixed.lr, mixed.moment_positions) == (300, FAST_PRESET["lr"], 1000)
+    # and the run itself: the preset quantizes (a few steps on the tiny model)
+    out = tmp_path / "f.pt"
+    assert main(["-q", "quantize", MODEL, "--calib", str(data), "--num-calib", "64", "--fast",
+                 "--iters", "20", "-o", str(out)]) == 0 and out.exists()
