@@ -30,9 +30,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 CONFIGS = {
-    # quadratic loss everywhere: rows split, early stop decided over all rows
+    # quadratic loss everywhere: rows split (every layer, ROW_SPLIT_MIN 0 in `_run`), early
+    # stop decided over all rows
     "quadratic": dict(weight_bits=3, per_channel=True, iters=500, lr=0.1, reg_weight=0.3,
                       loss="quadratic"),
+    # the same with the tiny layers stepped whole on every process (the default threshold)
+    "quadratic_whole": dict(weight_bits=3, per_channel=True, iters=500, lr=0.1,
+                            reg_weight=0.3, loss="quadratic"),
     # the paper's sampled loss: batches split, gradients all-reduced
     "sampled": dict(weight_bits=3, iters=60, lr=3e-2, loss="sampled", batch_size=32),
     # BRECQ: blocks and learned activation steps, batches split, gradients all-reduced
@@ -81,7 +85,12 @@ def _run(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
     if name.startswith("hf_"):
         return _run_hf(name)
     model, x = _model_and_data()
-    qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]))
+    threshold = distributed.ROW_SPLIT_MIN
+    distributed.ROW_SPLIT_MIN = 0 if name == "quadratic" else threshold
+    try:
+        qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]))
+    finally:
+        distributed.ROW_SPLIT_MIN = threshold
     return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
 
 

@@ -17,7 +17,8 @@ layer-wise path of `quantize` splits its work; with one process nothing here run
   communication during the steps except the early-stop count (one scalar all-reduce every
   STOP_CHECK steps, so the layer stops at the step it stops at in one process). The codes are
   then summed by all-reduce (each process fills its rows, zeros elsewhere), so every process
-  holds the whole quantized layer before the next one.
+  holds the whole quantized layer before the next one. Layers under ROW_SPLIT_MIN weights,
+  whose steps are launch-bound, are stepped whole by every process instead.
 - inputs="float" (`distributed_whole`): the layers are independent, so each process rounds
   whole stacks of same-shaped layers from the all-reduced moments (no rows split, no
   communication during the steps), and one all-reduce gathers the codes.
@@ -279,6 +280,13 @@ class RowsLoss:
         pass
 
 
+#: layers with fewer weights are stepped whole by every process instead of split by rows:
+#: their steps are bound by kernel launches, which every process would run anyway, and the
+#: split only added the early stop's all-reduce (ResNet-56 W4, 500 steps, 1 thread: steps
+#: 7.7 s in 1 process, 10.4 s split on each of 2; BENCHMARKS.md). The 1-process codes either way.
+ROW_SPLIT_MIN = 16_384
+
+
 @torch.no_grad()
 def round_rows(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, progress: bool = False,
                desc: str = "") -> tuple[Tensor, int]:
@@ -369,7 +377,11 @@ def adaround_layer(name: str, qlayer: QuantLayer, x: Tensor, target: Tensor,
     begin = time.perf_counter()
     nearest = qlayer.nearest_codes()
     if moments is not None and cfg.loss in ("quadratic", "auto"):
-        codes, steps_run = round_rows(qlayer, moments, cfg, progress, name)
+        if qlayer.layer.weight.numel() >= ROW_SPLIT_MIN:
+            codes, steps_run = round_rows(qlayer, moments, cfg, progress, name)
+        else:  # launch-bound: every process steps the whole layer, no communication
+            codes, steps_run = run_rounding(qlayer, Objective(QuadraticLoss(qlayer, moments)),
+                                            cfg, progress, name)
     else:
         sampled = ShardSampledLoss(qlayer, x, target, activation, cfg.batch_size, generator,
                                    part)
