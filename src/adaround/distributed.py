@@ -283,7 +283,9 @@ class RowsLoss:
 #: layers with fewer weights are stepped whole by every process instead of split by rows:
 #: their steps are bound by kernel launches, which every process would run anyway, and the
 #: split only added the early stop's all-reduce (ResNet-56 W4, 500 steps, 1 thread: steps
-#: 7.7 s in 1 process, 10.4 s split on each of 2; BENCHMARKS.md). The 1-process codes either way.
+#: 7.7 s in 1 process; on each of 2: 10.4 s with every layer split, 8.9 s with only its
+#: 64 x 576 layers split, 9.6-10.2 s with none: two busy cores run each slower than one;
+#: BENCHMARKS.md). The 1-process codes either way.
 ROW_SPLIT_MIN = 16_384
 
 
