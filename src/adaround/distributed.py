@@ -263,11 +263,6 @@ class RowsLoss:
         self.grad = self.w.new_zeros(size)
         self.rows = self.grad[at:at + self.w.numel()].view(self.w.shape)
 
-    def weight_grad(self, weight: Tensor) -> Tensor:
-        own = weight[self.at:self.at + self.w.numel()].view(self.w.shape)
-        torch.baddbmm(self.r, own - self.w, self.a, out=self.rows).mul_(2)
-        return self.grad
-
     def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
         """As QuadraticLoss.gradient_at, on the rows' part of the window."""
         n = self.w.numel()

@@ -38,10 +38,6 @@ class StackedQuadraticLoss:
         self.a = torch.cat([m.a for m in moments])
         self.r = torch.cat([m.r for m in moments])
 
-    def weight_grad(self, weight: Tensor) -> Tensor:
-        dw = weight.reshape(self.w.shape) - self.w
-        return torch.baddbmm(self.r, dw, self.a).mul_(2).reshape(weight.shape)
-
     def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
         """As QuadraticLoss.gradient_at, for the stack."""
         return quadratic_gradient(self.a, self.r, w0.reshape(self.w.shape) - self.w,

@@ -141,11 +141,6 @@ class QuadraticLoss:
     def __call__(self, weight: Tensor) -> Tensor:
         return quadratic_loss(self.moments, weight_rows(self.layer, weight) - self.w)
 
-    def weight_grad(self, weight: Tensor) -> Tensor:
-        """dL/dW~ = 2 (dw A + r): one batched matmul, no autograd."""
-        dw = weight_rows(self.layer, weight) - self.w
-        return torch.baddbmm(self.moments.r, dw, self.moments.a).mul_(2).reshape(weight.shape)
-
     def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
         """dL/dW~ at W~ = w0 + hs as a function of hs: 2 (dw A + r) = 2 (hs A + r0) with
         r0 = r + (w0 - w) A, computed once. One product per step, into one reused buffer."""

@@ -100,18 +100,25 @@ def weight_rows(layer: nn.Module, weight: Tensor) -> Tensor:
     return weight.reshape(groups, weight.shape[0] // groups, -1)
 
 
+def windows(layer: nn.Module, x: Tensor) -> Tensor:
+    """A convolution's input windows as a view, [N, C, L..., k...]: padded as the layer pads,
+    one kernel axis appended per spatial axis (strided by the layer's stride and dilation)."""
+    pad: Any = layer._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    for i in range(x.dim() - 2):  # each unfold appends one kernel axis at the end
+        k, s, dil = layer.kernel_size[i], layer.stride[i], layer.dilation[i]
+        x = x.unfold(2 + i, dil * (k - 1) + 1, s)[..., ::dil]
+    return x
+
+
 def patches(layer: nn.Module, x: Tensor) -> Tensor:
     """The input vectors each output value is a dot product with: [groups, positions, d]."""
     if isinstance(layer, nn.Linear):
         return x.reshape(1, -1, x.shape[-1])
     nd = x.dim() - 2
-    pad: Any = layer._reversed_padding_repeated_twice
-    if any(pad):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    for i in range(nd):  # each unfold appends one kernel axis at the end
-        k, s, dil = layer.kernel_size[i], layer.stride[i], layer.dilation[i]
-        x = x.unfold(2 + i, dil * (k - 1) + 1, s)[..., ::dil]
+    x = windows(layer, x)
     n, c, groups = x.shape[0], x.shape[1], layer.groups
     x = x.reshape(n, groups, c // groups, *x.shape[2:])  # [N, g, C/g, L..., k...]
     order = [1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)]
@@ -151,14 +158,10 @@ def patch_rows(layer: nn.Module, x: Tensor, every: int = 1, seed: int = 0) -> Te
         rows = patches(layer, x)
         at = sampled_positions(rows.shape[1], 1 / every**2, seed)
         return rows if at is None else rows[:, at]
-    pad: Any = layer._reversed_padding_repeated_twice
-    v = (F.pad(x, pad) if any(pad) else x).permute(0, 2, 3, 1)  # [N, H, W, C]
-    for i in (0, 1):  # each unfold appends one kernel axis at the end: [N, H', W', C, kh, kw]
-        k, s, dil = layer.kernel_size[i], layer.stride[i], layer.dilation[i]
-        v = v.unfold(1 + i, dil * (k - 1) + 1, s)[..., ::dil]
+    v = windows(layer, x)  # [N, C, H', W', kh, kw]
     g = layer.groups
     # [N, H', W', kh, kw, g, C / g] -> [g, N, H', W', kh, kw, C / g]: one group's rows together
-    v = v.permute(0, 1, 2, 4, 5, 3).unflatten(5, (g, v.shape[3] // g))
+    v = v.permute(0, 2, 3, 4, 5, 1).unflatten(5, (g, v.shape[1] // g))
     v = v.permute(5, 0, 1, 2, 3, 4, 6)
     d = math.prod(v.shape[-3:])
     if every == 1:
