@@ -77,12 +77,17 @@ def test_fast_preset_and_options_beside_it(tmp_path, data) -> None:  # type: ign
     plain = config_from_args(parser.parse_args(base))
     assert (plain.iters, plain.lr, plain.loss, plain.moment_positions) == (10000, 1e-3, "auto",
                                                                             None)
+    every = config_from_args(parser.parse_args([*base, "--fast", "--moment-positions", "all"]))
+    assert every.moment_positions is None  # beside --fast too, whose preset caps them
     fast = config_from_args(parser.parse_args([*base, "--fast"]))
     assert (fast.iters, fast.lr, fast.moment_positions) == (
         FAST_PRESET["iters"], FAST_PRESET["lr"], FAST_PRESET["moment_positions"])
     mixed = config_from_args(parser.parse_args([*base, "--fast", "--iters", "300",
                                                 "--moment-positions", "1000"]))
     assert (mixed.iters, mixed.lr, mixed.moment_positions) == (300, FAST_PRESET["lr"], 1000)
+    assert plain.step_precision == "auto"
+    exact = config_from_args(parser.parse_args([*base, "--step-precision", "float32"]))
+    assert exact.step_precision == "float32"
     # and the run itself: the preset quantizes (a few steps on the tiny model)
     out = tmp_path / "f.pt"
     assert main(["-q", "quantize", MODEL, "--calib", str(data), "--num-calib", "64", "--fast",

@@ -176,16 +176,138 @@ def test_fused_adam_follows_torch_adam_to_the_last_bit(dtype: torch.dtype, monke
     assert not torch.equal(results[0], start)
 
 
-def test_small_layers_step_on_one_thread_and_the_setting_is_restored() -> None:
-    from adaround.reconstruct.loop import SMALL_STEP, step_threads
+def test_steps_run_on_one_thread_and_large_products_on_all() -> None:
+    from adaround.reconstruct.loop import PARALLEL_PRODUCT, quadratic_gradient, step_threads
+
+    seen = []
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return t
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with step_threads(torch.zeros(SMALL_STEP - 1)):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-        with step_threads(torch.zeros(SMALL_STEP)):
-            assert torch.get_num_threads() == 2
+        with step_threads(torch.device("cpu")) as threads:
+            assert threads == 2 and torch.get_num_threads() == 1
+            for rows, d in ((4, 64), (64, 576)):  # below and above PARALLEL_PRODUCT
+                assert (rows * d * d >= PARALLEL_PRODUCT) == (rows == 64)
+                a, r = torch.eye(d).unsqueeze(0), torch.zeros(1, rows, d)
+                grad = quadratic_gradient(a, r, r, spy, precision="float32", threads=threads)
+                hs = torch.ones(1, rows, d)
+                torch.testing.assert_close(grad(hs), 2 * hs)
+                assert torch.get_num_threads() == 1  # back for the element-wise kernels
+        assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _psd(d: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(4 * d, d, generator=gen)
+    return (x.T @ x / (4 * d)).unsqueeze(0)
+
+
+def test_delta_gradient_is_exact_at_each_refresh_and_close_between() -> None:
+    from adaround.reconstruct.loop import REFRESH, DeltaGradient
+
+    gen = torch.Generator().manual_seed(0)
+    d, rows = 64, 8
+    a, r0 = _psd(d, gen), torch.randn(1, rows, d, generator=gen)
+    out = torch.empty(1, rows, d)
+    grad = DeltaGradient(a, r0, lambda t: t.view(1, rows, d), out)
+    hs = 0.01 * torch.rand(rows, d, generator=gen)
+    worst = 0.0
+    for step in range(2 * REFRESH + 1):
+        exact = torch.baddbmm(r0, hs.view(1, rows, d), a, beta=2, alpha=2)
+        got = grad(hs)
+        if step % REFRESH == 0:
+            assert torch.equal(got, exact)  # the float32 product itself
+        else:  # the error: a few bfloat16 roundings of the change's product, not of the whole
+            change = 2 * (hs - grad.hs_ref).view(1, rows, d) @ a
+            worst = max(worst, ((got - exact).abs().max() / change.abs().max()).item())
+        hs = (hs + 1e-4 * torch.randn(rows, d, generator=gen)).clamp(0, 0.01)
+    assert 0 < worst < 2e-2
+
+
+def test_bfloat16_steps_round_like_float32_ones() -> None:
+    from adaround.reconstruct.loop import Objective, QuadraticLoss, run_rounding
+    from adaround.reconstruct.quadratic import accumulate_moments
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 16, 3, padding=1)
+    qlayer = QuantLayer(layer, bits=4, symmetric=True, per_channel=False)
+    qlayer.fit_grid("mse")
+    x = torch.randn(64, 8, 8, 8)
+    moments = accumulate_moments(layer, [(x + 0.1 * torch.randn_like(x), x)])
+    codes = {}
+    for precision in ("float32", "bfloat16"):
+        cfg = QuantConfig(iters=400, lr=1e-2, early_stop=False, step_precision=precision)
+        codes[precision], _ = run_rounding(qlayer, Objective(QuadraticLoss(qlayer, moments)), cfg)
+    assert not torch.equal(codes["float32"], qlayer.nearest_codes())  # it learned something
+    assert (codes["float32"] != codes["bfloat16"]).float().mean() < 0.01
+
+
+def test_bfloat16_steps_only_where_they_pay(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from adaround.reconstruct import loop
+
+    big, small = torch.zeros(1, 576, 576), torch.zeros(1, 288, 288)
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: True)
+    assert loop.bf16_steps(big, "auto") and not loop.bf16_steps(small, "auto")
+    assert not loop.bf16_steps(big, "float32") and loop.bf16_steps(small, "bfloat16")
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: False)
+    assert not loop.bf16_steps(big, "auto")
+    with pytest.raises(adaround.ConfigError, match="step_precision"):
+        QuantConfig(step_precision="float16")
+
+
+def test_channels_last_weights_round_as_contiguous_ones() -> None:
+    from adaround.reconstruct.loop import Objective, QuadraticLoss, run_rounding
+    from adaround.reconstruct.quadratic import accumulate_moments
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(32, 4, 6, 6)
+    moments = accumulate_moments(layer, [(x + 0.1 * torch.randn_like(x), x)])
+    cfg = QuantConfig(iters=200, lr=1e-2, early_stop=False)
+    codes = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        layer.weight.data = layer.weight.data.contiguous(memory_format=layout)
+        qlayer = QuantLayer(layer, bits=4, symmetric=True, per_channel=True)
+        qlayer.fit_grid("mse")
+        codes.append(run_rounding(qlayer, Objective(QuadraticLoss(qlayer, moments)), cfg)[0])
+    assert torch.equal(codes[0], codes[1])
+
+
+def test_denormals_are_flushed_during_the_steps_only() -> None:
+    from adaround.reconstruct import loop
+
+    assert not loop.denormals_flushed()
+    seen = []
+    real = loop._round_weights
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(loop.denormals_flushed())
+        return real(*args, **kwargs)
+
+    model, x = _toy()
+    try:
+        loop._round_weights = spy
+        adaround.quantize(model, x, QuantConfig(iters=20, loss="quadratic"))
+    finally:
+        loop._round_weights = real
+    assert seen and all(seen)  # inside the loop where this CPU can flush them
+    assert not loop.denormals_flushed()  # and the caller's setting back afterwards
+
+
+@pytest.mark.parametrize("total", [40, 256, 700, 1024, 5000])
+def test_eval_rows_are_spread_and_shared_by_processes_without_overlap(total: int) -> None:
+    from adaround.reconstruct.loop import EVAL_SAMPLES, eval_rows
+
+    one = eval_rows(total, 0, total)
+    assert len(one) == min(total, EVAL_SAMPLES) and len(set(one.tolist())) == len(one)
+    if total > EVAL_SAMPLES:  # spread over the whole set, not its first samples
+        assert one[-1] >= total - total / EVAL_SAMPLES - 1
+    for processes in (2, 3):
+        bounds = [total * r // processes for r in range(processes + 1)]
+        parts = [eval_rows(total, lo, hi - lo) + lo for lo, hi in zip(bounds, bounds[1:])]
+        assert torch.equal(torch.cat(parts), one)

@@ -125,3 +125,28 @@ def test_one_pass_engine_gives_the_same_unit_data_as_rerunning(make, data) -> No
         for name in unit.layers:  # later units see the rounded unit
             layer = qmodel.get_submodule(name)
             layer.set_codes(layer.nearest_codes())
+
+
+@pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
+def test_both_engines_give_chosen_rows_of_the_layer_data(make, data) -> None:  # type: ignore[no-untyped-def]
+    from adaround.reconstruct.loop import eval_rows
+
+    x = data(40)
+    fp, _, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
+    chunks = list(x.split(16))
+    graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
+    rerun = RerunEngine(fp, qmodel, chunks)
+    picks = [torch.tensor([0, 5, 17, 31, 39]), torch.tensor([20]), eval_rows(40, 0, 40)]
+    for plan in plans:
+        act = plan.info.activation if plan.info else None
+        xq, target = graph.layer_data(plan.name, act)
+        for engine in (graph, rerun):
+            assert engine.samples == 40
+            for at in picks:
+                rows_q, rows_t = engine.layer_rows(plan.name, act, at)
+                torch.testing.assert_close(rows_q, xq[at], rtol=0, atol=0)
+                torch.testing.assert_close(rows_t, target[at], rtol=1e-5, atol=1e-6)
+            none_q, none_t = engine.layer_rows(plan.name, act, torch.tensor([], dtype=torch.long))
+            assert none_q.shape == (0, *xq.shape[1:]) and none_t.shape == (0, *target.shape[1:])
+        qlayer = qmodel.get_submodule(plan.name)
+        qlayer.set_codes(qlayer.nearest_codes())

@@ -43,6 +43,7 @@ from adaround.nn.quant_layer import QuantLayer
 from adaround.prepare import LayerPlan, fold_batchnorms, plan_layers, swap_in_quant_layers
 from adaround.reconstruct import LayerResult, adaround_layer
 from adaround.reconstruct.batched import round_stacked
+from adaround.reconstruct.loop import eval_rows
 from adaround.reconstruct.quadratic import (
     Moments,
     UnfoldError,
@@ -52,7 +53,7 @@ from adaround.reconstruct.quadratic import (
     step_costs,
     supports_quadratic,
 )
-from adaround.reconstruct.spill import budget_store, materialize
+from adaround.reconstruct.spill import budget_store
 from adaround.reconstruct.stream import GraphEngine, RerunEngine, make_engine
 from adaround.reconstruct.units import round_units
 from adaround.trace import Trace, trace_model
@@ -285,13 +286,13 @@ def _round_to_nearest(qmodel: nn.Module, plans: list[LayerPlan]) -> None:
 
 
 def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLayer,
-                   x: Tensor, cfg: QuantConfig,
-                   accumulate: Callable[..., Moments] = accumulate_moments,
+                   cfg: QuantConfig, accumulate: Callable[..., Moments] = accumulate_moments,
                    samples: int | None = None) -> Moments | None:
     """The moments of the layer's inputs where cfg.loss asks for them and the layer allows
-    (for "auto": where a quadratic step costs less than a sampled one); `accumulate` sums
-    them (over this process's shard and all-reduced, in adaround.distributed, where `samples`
-    is the count of all processes' samples; x's here)."""
+    (for "auto": where a quadratic step costs less than a sampled one), checked finite;
+    `accumulate` sums them (over this process's shard and all-reduced, in
+    adaround.distributed, where `samples` is the count of all processes' samples; the
+    engine's here)."""
     if cfg.loss == "sampled":
         return None
     if not supports_quadratic(qlayer.layer):
@@ -299,27 +300,39 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
                  type(qlayer.layer).__name__)
         return None
     try:
+        first = quantize_layer_input(qlayer, next(iter(engine.input_chunks(name)))[0][:1])
         if cfg.loss == "auto":
-            quadratic_cost, sampled_cost = step_costs(qlayer.layer, materialize(x[:1]),
-                                                      cfg.batch_size)
+            quadratic_cost, sampled_cost = step_costs(qlayer.layer, first, cfg.batch_size)
             if quadratic_cost >= sampled_cost:
                 return None
         chunks = ((quantize_layer_input(qlayer, xq), xf) for xq, xf in engine.input_chunks(name))
-        return accumulate(qlayer.layer, chunks, *_moment_share(qlayer, x, cfg, samples))
+        share = _moment_share(qlayer, first, cfg, engine.samples if samples is None else samples)
+        moments = accumulate(qlayer.layer, chunks, *share)
     except UnfoldError as exc:
         log.info("%s: %s; using the sampled loss", name, exc)
         return None
+    # NaN/Inf in either stream's inputs reaches the sums: one check of each instead of a
+    # pass over the cached inputs (which the quadratic loss no longer gathers)
+    for what, value in (("inputs", moments.a), ("inputs or FP inputs", moments.r.sum() +
+                                                moments.c)):
+        check_finite(name, what, value.reshape(-1))
+    return moments
 
 
-def _moment_share(qlayer: QuantLayer, x: Tensor, cfg: QuantConfig,
-                  samples: int | None) -> tuple[float, int]:
-    """(share of the positions, seed) for the moments: cfg.moment_positions of all of them."""
+def _moment_share(qlayer: QuantLayer, first: Tensor, cfg: QuantConfig,
+                  samples: int) -> tuple[float, int]:
+    """(share of the positions, seed) for the moments: cfg.moment_positions of all of them
+    (`first`: one sample of the layer's input)."""
     if cfg.moment_positions is None:
         return 1.0, cfg.seed
-    first = conv_input(qlayer.layer, materialize(x[:1]))
-    positions = patches(qlayer.layer, first).shape[1] * (x.shape[0] if samples is None
-                                                            else samples)
+    positions = patches(qlayer.layer, conv_input(qlayer.layer, first)).shape[1] * samples
     return min(1.0, cfg.moment_positions / positions), cfg.seed
+
+
+def gathers_no_data(moments: Moments | None, cfg: QuantConfig) -> bool:
+    """Whether a layer is rounded on the quadratic loss alone: its per-layer losses then need
+    the samples of `eval_rows` only, not every cached input and target."""
+    return moments is not None and cfg.loss in ("auto", "quadratic")
 
 
 def _describe(result: LayerResult, cfg: QuantConfig, plan: LayerPlan) -> str:
@@ -372,14 +385,18 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
         start = time.perf_counter()
         activation = plan.info.activation if cfg.loss_after_activation else None
         qlayer = qmodel.get_submodule(plan.name)
-        xq, target = engine.layer_data(plan.name, activation)
+        moments = _layer_moments(engine, plan.name, qlayer, cfg)
+        if gathers_no_data(moments, cfg):
+            if cfg.inputs == "float":
+                stacked.append((plan.name, qlayer, moments))  # rounded below, with its likes
+                continue
+            xq, target = engine.layer_rows(plan.name, activation,
+                                           eval_rows(engine.samples, 0, engine.samples))
+        else:
+            xq, target = engine.layer_data(plan.name, activation)
         xq = quantize_layer_input(qlayer, xq)  # x^ includes the layer's activation grid
         check_finite(plan.name, "inputs", xq)
         check_finite(plan.name, "FP outputs (targets)", target)
-        moments = _layer_moments(engine, plan.name, qlayer, xq, cfg)
-        if cfg.inputs == "float" and moments is not None and cfg.loss in ("auto", "quadratic"):
-            stacked.append((plan.name, qlayer, moments))  # rounded below, with its likes
-            continue
         result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
                                 progress, start, moments)
         del xq, target, moments

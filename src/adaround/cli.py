@@ -84,6 +84,18 @@ def load_data(args: argparse.Namespace, path: str, limit: int | None, offset: in
     return load_array_file(path, mean=mean, std=std, limit=limit, offset=offset)
 
 
+def positions_or_all(text: str) -> int | str:
+    """--moment-positions: a whole number, or "all" (exact moments)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a whole number nor 'all': pass e.g. 131072, or all for "
+            "exact moments") from None
+
+
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
     from adaround.config import FAST_PRESET
 
@@ -92,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     chosen = {name: getattr(args, name) if getattr(args, name, None) is not None else
               preset.get(name, getattr(QuantConfig, name))
               for name in ("iters", "lr", "loss", "moment_positions")}
+    if chosen["moment_positions"] == "all":
+        chosen["moment_positions"] = None
     return QuantConfig(
         weight_bits=args.bits, per_channel=args.per_channel, symmetric=not args.asymmetric,
         rounding=args.rounding, batch_size=args.batch_size, seed=args.seed, **chosen,
@@ -99,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         include=tuple(args.include), exclude=tuple(args.exclude), fold_bn=not args.no_fold_bn,
         loss_after_activation=not args.no_activation_loss,
         early_stop=not args.no_early_stop, memory_budget_mb=args.memory_budget_mb,
-        compile=args.compile, inputs=args.inputs,
+        compile=args.compile, inputs=args.inputs, step_precision=args.step_precision,
         group_size=getattr(args, "group_size", None),
         **act_config_kwargs(args),
     )
@@ -331,9 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampled: the paper's; quadratic: from second moments, "
                    "all data every step, before the activation; auto (default): quadratic "
                    "where its step is cheaper, else sampled")
-    q.add_argument("--moment-positions", type=int, help="estimate each layer's moments "
-                   "(quadratic loss) from at most this many positions, a seeded uniform "
-                   "subset (default: all, exact)")
+    q.add_argument("--moment-positions", type=positions_or_all, help="estimate each layer's "
+                   "moments (quadratic loss) from at most this many positions, a seeded "
+                   "uniform subset (default and 'all': every position, exact)")
+    q.add_argument("--step-precision", choices=["auto", "float32", "bfloat16"],
+                   default=d.step_precision, help="the steps' matrix products: auto (default) "
+                   "in bfloat16 between exact refreshes for layers with rows of 512+ on CPUs "
+                   "with bfloat16 units (AMX, AVX512-BF16), float32 always exact")
     q.add_argument("--memory-budget-mb", type=float, help="keep cached activations within "
                    "this many MB, spilling the rest to temporary files on disk")
     q.add_argument("--inputs", choices=["quantized", "float"], default=d.inputs,

@@ -22,6 +22,10 @@ falls in proportion; accuracy: BENCHMARKS.md). None (the default): all of them, 
 `QuantConfig.fast()` is the preset measured to reach the default's accuracy in a fraction of
 its time on the CIFAR ResNets (few steps at a matching lr where the quadratic loss is taken,
 subsampled moments); EfficientNet-Lite0 needs more steps (BENCHMARKS.md, "Time to accuracy").
+`step_precision` "auto" (the default) multiplies the change of the weights by the moments in
+bfloat16 in most steps of layers with rows of 512 or more, on CPUs with bfloat16 matrix units
+(AMX, AVX512-BF16), the gradient refreshed exactly every 32 steps; "float32" always exactly
+(the moments, the losses and the codes' scoring are float32 either way; BENCHMARKS.md).
 `early_stop` ends a layer once every h(V) has stayed exactly 0 or 1 for 100 steps: V then gets
 no gradient, and the codes are those of the full run.
 `lr` 1e-3 is the paper's for 10k-20k iterations. An Adam step moves V by about lr, and V spans
@@ -58,6 +62,7 @@ ROUNDING_MODES = ("adaround", "nearest")
 SCALE_METHODS = ("mse", "minmax")
 BETA_DECAYS = ("cosine", "linear")
 LOSSES = ("auto", "sampled", "quadratic", "quadratic_warmup")
+STEP_PRECISIONS = ("auto", "float32", "bfloat16")
 INPUTS = ("quantized", "float")
 
 
@@ -138,6 +143,7 @@ class QuantConfig:
     fold_bn: bool = True
     memory_budget_mb: float | None = None
     moment_positions: int | None = None
+    step_precision: str = "auto"
     compile: bool = False
     inputs: str = "quantized"
     act_bits: int | None = None
@@ -168,6 +174,7 @@ class QuantConfig:
         _check_choice("beta_decay", self.beta_decay, BETA_DECAYS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("inputs", self.inputs, INPUTS)
+        _check_choice("step_precision", self.step_precision, STEP_PRECISIONS)
         if self.memory_budget_mb is not None:
             _check_positive("memory_budget_mb", self.memory_budget_mb)
         if self.moment_positions is not None:

@@ -90,12 +90,12 @@ from adaround.errors import CalibrationDataError
 from adaround.nn.act_quant import quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
 from adaround.reconstruct.loop import (
-    EVAL_SAMPLES,
     LayerResult,
     Objective,
     QuadraticLoss,
     SampledLoss,
     Share,
+    eval_rows,
     layer_loss,
     layer_result,
     quadratic_gradient,
@@ -263,12 +263,14 @@ class RowsLoss:
         self.grad = self.w.new_zeros(size)
         self.rows = self.grad[at:at + self.w.numel()].view(self.w.shape)
 
-    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
+    def gradient_at(self, w0: Tensor, precision: str = "float32",
+                    threads: int = 1) -> Callable[[Tensor], Tensor]:
         """As QuadraticLoss.gradient_at, on the rows' part of the window."""
         n = self.w.numel()
         rows = quadratic_gradient(self.a, self.r, w0[self.at:self.at + n].view(self.w.shape)
                                   - self.w, lambda hs: hs[self.at:self.at + n].view(self.w.shape),
-                                  out=self.rows)  # the window's other elements stay 0
+                                  out=self.rows,  # the window's other elements stay 0
+                                  precision=precision, threads=threads)
         return lambda hs: (rows(hs), self.grad)[1]
 
     def skip(self, steps: int) -> None:
@@ -356,11 +358,23 @@ class ShardSampledLoss(SampledLoss):
         raise NotImplementedError("ShardSampledLoss gives gradients only (weight_grad)")
 
 
+def eval_share(part: Shard) -> Shard:
+    """The samples of `eval_rows` that this process holds, as a shard of those samples:
+    `chunks` holds their indices into this process's data, offset and total count them
+    among the samples of `eval_rows` only."""
+    every = eval_rows(part.total, 0, part.total)
+    mine = eval_rows(part.total, part.offset, part.count)
+    before = int((every < part.offset).sum())
+    return Shard(chunks=[mine], offset=before, count=len(mine), total=len(every))
+
+
 def shared_loss(qlayer: QuantLayer, weight: Tensor, x: Tensor, target: Tensor,
                 activation: Callable[[Tensor], Tensor] | None, part: Shard) -> float:
-    """`layer_loss` on the first EVAL_SAMPLES samples of all processes (as in one process)."""
-    keep = max(0, min(part.count, EVAL_SAMPLES - part.offset))
-    local = layer_loss(qlayer, weight, x[:keep], target[:keep], activation) if keep else 0.0
+    """`layer_loss` on the samples of `eval_rows` (as in one process), each process on those
+    it holds."""
+    at = eval_rows(part.total, part.offset, part.count)
+    keep = len(at)
+    local = layer_loss(qlayer, weight, x[at], target[at], activation) if keep else 0.0
     sums = all_sum(torch.tensor([local * keep, float(keep)], dtype=torch.float64,
                                 device=weight.device))
     return (sums[0] / sums[1].clamp(min=1)).item()
@@ -423,16 +437,20 @@ def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Te
             start = time.perf_counter()
             activation = plan.info.activation if cfg.loss_after_activation else None
             qlayer: Any = qmodel.get_submodule(plan.name)
-            xq, target = engine.layer_data(plan.name, activation)
-            xq = quantize_layer_input(qlayer, xq)
-            moments = api._layer_moments(engine, plan.name, qlayer, xq, cfg, shared_moments,
+            moments = api._layer_moments(engine, plan.name, qlayer, cfg, shared_moments,
                                          part.total)
-            if (cfg.inputs == "float" and moments is not None
-                    and cfg.loss in ("auto", "quadratic")):
-                whole.append((plan.name, qlayer, moments))  # independent: rounded below
-                continue
+            held = part
+            if api.gathers_no_data(moments, cfg):
+                if cfg.inputs == "float":
+                    whole.append((plan.name, qlayer, moments))  # independent: rounded below
+                    continue
+                held = eval_share(part)
+                xq, target = engine.layer_rows(plan.name, activation, held.chunks[0])
+            else:
+                xq, target = engine.layer_data(plan.name, activation)
+            xq = quantize_layer_input(qlayer, xq)
             result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
-                                    progress, start, moments, part)
+                                    progress, start, moments, held)
             del xq, target, moments
             report.append(result)
             checkpoint.record([plan.name], qmodel, generator, report)

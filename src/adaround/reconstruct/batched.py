@@ -38,10 +38,12 @@ class StackedQuadraticLoss:
         self.a = torch.cat([m.a for m in moments])
         self.r = torch.cat([m.r for m in moments])
 
-    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
+    def gradient_at(self, w0: Tensor, precision: str = "float32",
+                    threads: int = 1) -> Callable[[Tensor], Tensor]:
         """As QuadraticLoss.gradient_at, for the stack."""
         return quadratic_gradient(self.a, self.r, w0.reshape(self.w.shape) - self.w,
-                                  lambda hs: hs.reshape(self.w.shape))
+                                  lambda hs: hs.reshape(self.w.shape), precision=precision,
+                                  threads=threads)
 
     def skip(self, steps: int) -> None:
         pass

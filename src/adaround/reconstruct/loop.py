@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -121,9 +123,13 @@ class SampledLoss:
             leaf = weight.detach().requires_grad_(True)
             return torch.autograd.grad(self(leaf), leaf)[0]
 
-    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
-        """dL/dW~ at W~ = w0 + hs, as a function of hs (the form the rounding loop steps)."""
-        return lambda hs: self.weight_grad(w0 + hs)
+    def gradient_at(self, w0: Tensor, precision: str = "float32",
+                    threads: int = 1) -> Callable[[Tensor], Tensor]:
+        """dL/dW~ at W~ = w0 + hs, as a function of hs (the form the rounding loop steps), on
+        `threads` threads for layers of SAMPLED_PARALLEL weights or more; autograd in the
+        weight's dtype whatever `precision`."""
+        parallel = threads if w0.numel() >= SAMPLED_PARALLEL else 1
+        return on_threads(parallel, lambda hs: self.weight_grad(w0 + hs))
 
     def skip(self, steps: int) -> None:
         """Draw the batches of `steps` skipped steps: the generator is shared by all layers, so
@@ -141,12 +147,15 @@ class QuadraticLoss:
     def __call__(self, weight: Tensor) -> Tensor:
         return quadratic_loss(self.moments, weight_rows(self.layer, weight) - self.w)
 
-    def gradient_at(self, w0: Tensor) -> Callable[[Tensor], Tensor]:
+    def gradient_at(self, w0: Tensor, precision: str = "float32",
+                    threads: int = 1) -> Callable[[Tensor], Tensor]:
         """dL/dW~ at W~ = w0 + hs as a function of hs: 2 (dw A + r) = 2 (hs A + r0) with
-        r0 = r + (w0 - w) A, computed once. One product per step, into one reused buffer."""
+        r0 = r + (w0 - w) A, computed once. One product per step, into one reused buffer
+        (`precision`, `threads`: `quadratic_gradient`'s)."""
         return quadratic_gradient(self.moments.a, self.moments.r,
                                   weight_rows(self.layer, w0) - self.w,
-                                  lambda hs: weight_rows(self.layer, hs))
+                                  lambda hs: weight_rows(self.layer, hs), precision=precision,
+                                  threads=threads)
 
     def skip(self, steps: int) -> None:
         pass
@@ -156,12 +165,83 @@ Loss = SampledLoss | QuadraticLoss
 
 
 def quadratic_gradient(a: Tensor, r: Tensor, offset: Tensor, rows: Callable[[Tensor], Tensor],
-                       out: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+                       out: Tensor | None = None, precision: str = "float32",
+                       threads: int = 1) -> Callable[[Tensor], Tensor]:
     """hs -> 2 (rows(hs) A + r + offset A): the quadratic loss's gradient at dw = offset +
-    rows(hs) (one batched product per call, written into the same buffer, `out`, each time)."""
+    rows(hs) (one batched product per call, written into the same buffer, `out`, each time);
+    `precision` "bfloat16", or "auto" on a CPU with bfloat16 matrix units and rows of at
+    least BF16_MIN_ROW: most steps' products in bfloat16 (`DeltaGradient`). Products of
+    PARALLEL_PRODUCT multiply-adds or more run on `threads` threads."""
     r0 = torch.baddbmm(r, offset, a)
     out = torch.empty_like(r0) if out is None else out
-    return lambda hs: torch.baddbmm(r0, rows(hs), a, beta=2, alpha=2, out=out)
+    rows = ViewOf(rows)
+    if r0.numel() * a.shape[-1] < PARALLEL_PRODUCT:
+        threads = 1
+    if bf16_steps(a, precision):
+        return on_threads(threads, DeltaGradient(a, r0, rows, out))
+    return on_threads(threads, lambda hs: torch.baddbmm(r0, rows(hs), a, beta=2, alpha=2,
+                                                        out=out))
+
+
+BF16_MIN_ROW = 512  # row length d from which a bfloat16 step product beats float32 (AMX)
+REFRESH = 32  # steps between two exact (float32) products of DeltaGradient
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16), from
+    its feature flags: a fixed answer per machine, so that a run's codes do not depend on
+    the load (as a timed choice would)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def bf16_steps(a: Tensor, precision: str) -> bool:
+    """Whether a step product with moments `a` ([groups, d, d]) runs in bfloat16."""
+    if precision == "auto":
+        return a.device.type == "cpu" and a.shape[-1] >= BF16_MIN_ROW and cpu_has_bf16_units()
+    return precision == "bfloat16"
+
+
+class DeltaGradient:
+    """2 (hs A + r0) as g_ref + (hs - hs_ref) 2A, the second product in bfloat16.
+
+    hs_ref and g_ref = 2 (hs_ref A + r0) are refreshed exactly (float32) every REFRESH
+    steps; in between only the change of hs since then goes through bfloat16 (8-bit
+    mantissa, float32 accumulation), so the error is a fraction 2^-8 of the change's product,
+    not of the whole gradient. A 64 x 576 layer's product: 2.4x faster with AMX on one
+    thread (BENCHMARKS.md, "Steps"); codes and accuracy measured beside float32 there.
+    """
+
+    def __init__(self, a: Tensor, r0: Tensor, rows: Callable[[Tensor], Tensor],
+                 out: Tensor) -> None:
+        self.a, self.r0, self.rows, self.out = a, r0, rows, out
+        self.a2 = (2 * a).to(torch.bfloat16)  # 2A: exact in any binary format
+        self.g_ref = torch.empty_like(out)
+        self.change = torch.empty(out.shape, dtype=torch.bfloat16, device=out.device)
+        self.hs_ref: Tensor | None = None
+        self.delta: Tensor | None = None  # float32, then its bfloat16 copy: `delta16`
+        self.delta16: Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, hs: Tensor) -> Tensor:
+        if self.calls % REFRESH == 0:
+            torch.baddbmm(self.r0, self.rows(hs), self.a, beta=2, alpha=2, out=self.out)
+            self.g_ref.copy_(self.out)
+            if self.hs_ref is None:
+                self.hs_ref, self.delta = hs.clone(), torch.empty_like(hs)
+                self.delta16 = torch.empty_like(hs, dtype=torch.bfloat16)
+            else:
+                self.hs_ref.copy_(hs)
+        else:  # conversions as copies: a mixed-dtype add or sub takes a slow, scalar path
+            self.delta16.copy_(torch.sub(hs, self.hs_ref, out=self.delta))
+            torch.bmm(self.rows(self.delta16), self.a2, out=self.change)
+            self.out.copy_(self.change).add_(self.g_ref)
+        self.calls += 1
+        return self.out
 
 
 @dataclass(frozen=True)
@@ -237,6 +317,7 @@ class EarlyStop:
 
 
 _FUSED_ADAM = hasattr(torch, "_fused_adam_")
+FUSED_ADAM_MIN = 0  # elements from which the fused kernel beats the 7 element-wise kernels
 
 
 class Adam:
@@ -248,12 +329,15 @@ class Adam:
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
         self.m, self.v, self.t = torch.zeros_like(param), torch.zeros_like(param), 0
         self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
+        self.one = torch.ones((), dtype=torch.float32, device=param.device)
+        self.denom = torch.empty_like(param)
+        self.fused = _FUSED_ADAM and param.numel() >= FUSED_ADAM_MIN
 
     def step(self, grad: Tensor) -> None:
         b1, b2 = self.betas
         self.t += 1
-        if _FUSED_ADAM:
-            self.steps += 1
+        if self.fused:
+            self.steps.add_(self.one)
             # the fused kernel walks raw memory: a gradient in another layout (channels-last,
             # from a convolution's weight gradient) must be laid out as the parameter first
             grad = grad.contiguous()
@@ -263,8 +347,24 @@ class Adam:
             return
         self.m.lerp_(grad, 1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
+        denom = torch.sqrt(self.v, out=self.denom).div_(math.sqrt(1 - b2**self.t)).add_(self.eps)
         self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1**self.t))
+
+
+class ViewOf:
+    """`make(t)`, remembered for the last `t` where it is a view of it: the loop hands the same
+    buffers to the same reshapes every step, and even a view costs a dispatch."""
+
+    def __init__(self, make: Callable[[Tensor], Tensor]) -> None:
+        self.make, self.source, self.view = make, None, None
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if t is self.source:
+            return self.view
+        view = self.make(t)
+        if view._base is t or view._base is not None and view._base is t._base:
+            self.source, self.view = t, view
+        return view
 
 
 class Relaxation:
@@ -281,12 +381,16 @@ class Relaxation:
             torch.empty_like(v) for _ in range(7))
         # dL/dV = dL/dW~ * s * dh/dV, with dh/dV = (zeta - gamma) sig (1 - sig) inside the clip
         self.s_slope = (s_live * (ZETA - GAMMA)).expand_as(v).contiguous()
-        self.minus_one = v.new_tensor(-1.0)
+        # constants as 0-d tensors of V's dtype: a Python number is converted at every call
+        self.minus_one, self.stretch, self.gamma = (v.new_tensor(c) for c in (
+            -1.0, ZETA - GAMMA, GAMMA))
+        self.exponent = v.new_zeros(())  # beta - 1, written each step
+        self.as_v = ViewOf(lambda t: t.reshape(v.shape))
 
     def update(self, v: Tensor) -> Tensor:
         """h(V) (returned; overwritten by the next update) and what `v_grad` needs of it."""
-        torch.mul(torch.sigmoid(v, out=self.sig), ZETA - GAMMA, out=self.h)
-        self.h.add_(GAMMA).clamp_(0.0, 1.0)  # as primitives.rectified_sigmoid, to the bit
+        torch.mul(torch.sigmoid(v, out=self.sig), self.stretch, out=self.h)
+        self.h.add_(self.gamma).clamp_(0.0, 1.0)  # as primitives.rectified_sigmoid, to the bit
         torch.addcmul(self.h, self.h, self.h, value=-1, out=self.inside).sign_()
         torch.addcmul(self.sig, self.sig, self.sig, value=-1, out=self.slope).mul_(self.inside)
         return self.h
@@ -295,10 +399,11 @@ class Relaxation:
         """d(L + reg_weight * f_reg)/dV from dL/dW~ (`grad_w`, left unchanged), with
         d f_reg/dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1) where beta is given (the power
         as exp2(log2): twice as fast as pow on CPUs, and 0 at h = 1/2 for beta > 1)."""
-        g = torch.mul(grad_w.reshape(self.grad.shape), self.s_slope, out=self.grad)
+        g = torch.mul(self.as_v(grad_w), self.s_slope, out=self.grad)
         if beta is not None and reg_weight:
             u = torch.add(self.minus_one, self.h, alpha=2, out=self.u)
-            power = torch.abs(u, out=self.power).log2_().mul_(beta - 1).exp2_()
+            power = torch.abs(u, out=self.power).log2_().mul_(self.exponent.fill_(beta - 1))
+            power.exp2_()
             g.add_(torch.copysign(power, u, out=power),
                    alpha=-2 * beta * reg_weight * (ZETA - GAMMA))
         return g.mul_(self.slope)
@@ -339,29 +444,74 @@ def round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     clip, h(V) and the regularizer): the same gradient autograd computes (tested), at a
     fraction of the per-step cost on small layers, where the step is dominated by op launches.
     """
-    with gpu_matmul_precision(w.device), step_threads(w):
+    with (gpu_matmul_precision(w.device), step_threads(w.device) as threads,
+          flush_denormals(w.device)):
         return _round_weights(w, scale, zero_point, qmin, qmax, objective, cfg, progress, desc,
-                              share)
+                              share, threads)
 
 
-SMALL_STEP = 50_000  # weights below which a CPU step runs on one thread
+PARALLEL_PRODUCT = 2**21  # multiply-adds of a step's product from which it takes all threads
+SAMPLED_PARALLEL = 32_768  # weights from which a sampled step's autograd takes all threads
 
 
 @contextmanager
-def step_threads(w: Tensor) -> Iterator[None]:
-    """One CPU thread for the steps of small layers: below ~50k weights a step's kernels are
-    too short to split, and a second thread only adds synchronisation (measured: ResNet-20's
-    16- and 32-channel layers 1.3-1.6x faster on one thread than on two; 1152 x 192 1.3x
-    faster on two)."""
+def step_threads(device: torch.device) -> Iterator[int]:
+    """The steps' element-wise kernels on one CPU thread; yields the caller's thread count,
+    which the steps' large products (PARALLEL_PRODUCT) and the sampled loss take back.
+
+    A step's element-wise kernels touch at most a few hundred thousand values: split over
+    threads they gain little and add a fork and join each (measured on 2 cores: ResNet-20's
+    16- and 32-channel layers 1.3-1.6x faster on one thread), and the denormal setting of
+    `flush_denormals` holds for the calling thread only: Adam's kernel on a second thread ran
+    3.3x slower on its denormal moments (a 64 x 576 layer: 136 against 42 us a step).
+    """
     threads = torch.get_num_threads()
-    if w.device.type != "cpu" or threads == 1 or w.numel() >= SMALL_STEP:
-        yield
+    if device.type != "cpu" or threads == 1:
+        yield threads
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+def on_threads(threads: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """`fn` run on `threads` CPU threads, from inside `step_threads` (0.4 us a switch)."""
+    if threads <= 1:
+        return fn
+
+    def run(t: Tensor) -> Tensor:
+        torch.set_num_threads(threads)
+        try:
+            return fn(t)
+        finally:
+            torch.set_num_threads(1)
+    return run
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread's CPU flushes denormal floats to zero (tested on one)."""
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
+
+
+@contextmanager
+def flush_denormals(device: torch.device) -> Iterator[None]:
+    """Denormal floats flushed to zero on this thread during the steps, the setting restored.
+
+    Adam's first moment of a weight whose h is clipped (no gradient) decays by 0.9 a step and
+    falls below float32's normal range (1.2e-38) within about 700 steps; x86 CPUs compute on
+    such numbers through a slow microcode path, which made the fused Adam kernel 4.5x slower
+    (30.6 against 6.8 us a step on a 16 x 144 layer over 2000 steps). Flushed, those moments
+    are 0 instead of below 1e-38: their share of a step is below 1e-30 of lr either way.
+    """
+    if device.type != "cpu" or denormals_flushed() or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @contextmanager
@@ -381,7 +531,11 @@ def gpu_matmul_precision(device: torch.device) -> Iterator[None]:
 
 def _round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                    objective: Objective, cfg: QuantConfig, progress: bool,
-                   desc: str, share: Share | None = None) -> tuple[Tensor, int]:
+                   desc: str, share: Share | None = None, threads: int = 1
+                   ) -> tuple[Tensor, int]:
+    # every per-step tensor in the standard layout: a channels-last weight would make each
+    # reshape to weight rows (and back) a copy
+    w = w.contiguous()
     w_floor, w0, s_live = grid_constants(w, scale, zero_point, qmin, qmax)
     v = init_v(w / scale - w_floor)
     adam = Adam(v, cfg.lr)
@@ -390,8 +544,8 @@ def _round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax
     relax = Relaxation(v, s_live)
     s_live = s_live.expand_as(v).contiguous()
     hs = torch.empty_like(v)  # h * s_live: W~ = w0 + hs
-    gradients = {id(loss): loss.gradient_at(w0) for loss in (objective.main, objective.warmup)
-                 if loss is not None}
+    gradients = {id(loss): loss.gradient_at(w0, cfg.step_precision, threads)
+                 for loss in (objective.main, objective.warmup) if loss is not None}
     for step in tqdm(range(cfg.iters), desc=desc, leave=False, disable=not progress):
         h = relax.update(v)
         grad_w = gradients[id(objective.at(step))](torch.mul(h, s_live, out=hs))
@@ -450,10 +604,21 @@ def adaround_layer(
     codes, steps_run = run_rounding(qlayer, objective, cfg, progress, name)
     step_seconds = time.perf_counter() - begin
     qlayer.set_codes(codes)
-    xs, ts = x[:EVAL_SAMPLES], target[:EVAL_SAMPLES]
+    at = eval_rows(x.shape[0], 0, x.shape[0])
+    xs, ts = x[at], target[at]
     return layer_result(name, qlayer, codes, nearest, steps_run, cfg, moments, activation,
                         lambda w: layer_loss(qlayer, w, xs, ts, activation),
                         (start, begin, step_seconds))
+
+
+def eval_rows(total: int, offset: int, count: int) -> Tensor:
+    """Where the per-layer losses are measured: EVAL_SAMPLES samples spread evenly over all
+    `total` (sample i * total // EVAL_SAMPLES), as indices into the run [offset, offset +
+    count) that one process holds. Spread, so that N processes share the work evenly and
+    together measure on the samples one process measures on."""
+    n = min(total, EVAL_SAMPLES)
+    every = torch.arange(n) * total // max(n, 1) - offset
+    return every[(every >= 0) & (every < count)]
 
 
 def layer_result(name: str, qlayer: QuantLayer, codes: Tensor, nearest: Tensor,

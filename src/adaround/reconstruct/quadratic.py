@@ -148,7 +148,8 @@ def _window_rows(layer: nn.Module) -> bool:
             and not isinstance(layer.padding, str))
 
 
-def patch_rows(layer: nn.Module, x: Tensor, every: int = 1, seed: int = 0) -> Tensor:
+def patch_rows(layer: nn.Module, x: Tensor, every: int = 1, seed: int = 0,
+               buffer: list[Tensor] | None = None) -> Tensor:
     """The patches as rows, [groups, positions, d]; with `every` > 1, those of 1 / every^2 of
     the positions (`subsample`). For `_window_rows` layers each row holds its patch in
     (kernel row, kernel column, channel) order, the order in which a channels-last window lies
@@ -165,8 +166,27 @@ def patch_rows(layer: nn.Module, x: Tensor, every: int = 1, seed: int = 0) -> Te
     v = v.permute(5, 0, 1, 2, 3, 4, 6)
     d = math.prod(v.shape[-3:])
     if every == 1:
-        return v.reshape(g, -1, d)
+        return copy_into(v, buffer).view(g, -1, d)
     return torch.cat([sub.reshape(g, -1, d) for sub in subsample(v, every, first=1)], dim=1)
+
+
+def copy_into(v: Tensor, buffer: list[Tensor] | None) -> Tensor:
+    """A contiguous copy of `v`, in the memory of buffer[0] where it fits (grown else): the
+    blocks of one layer's patches reuse one allocation instead of faulting in fresh pages for
+    each (glibc returns allocations over 32 MB to the OS when freed; ResNet-20's patches:
+    2.1 s against 1.5 s with the allocator told to keep them)."""
+    if buffer is None:
+        return v.contiguous()
+    if not buffer or buffer[0].numel() < v.numel() or buffer[0].dtype != v.dtype:
+        buffer[:] = [v.new_empty(v.numel())]
+    return buffer[0][:v.numel()].view(v.shape).copy_(v)
+
+
+def window_layout(x: Tensor) -> Tensor:
+    """Image batches channels-last: `patch_rows` then copies runs of C contiguous values and
+    the layer's convolution in `weighted_error` runs faster (measured on ResNet-20's 16-channel
+    layer, one block: 19.6 against 6.6 ms and 5.3 against 2.7 ms, for a 1.1 ms conversion)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def subsample(v: Tensor, every: int, first: int = 0) -> list[Tensor]:
@@ -204,7 +224,9 @@ def weight_order(layer: nn.Module) -> Tensor | None:
 
 
 GRAM_BLOCKS = 4  # U^T U from 4 x 4 column blocks: the 10 on and below the diagonal
-GRAM_MIN_COLUMNS = 256  # below this, 2 x 2 blocks (3 of the 4 products)
+# below this, 2 x 2 blocks (3 of the 4 products): faster up to d = 576 on the 2-core Xeon
+# (d = 288: 33.8 against 41.8 ms; 576: 130 against 136; 1152: 130 against 120)
+GRAM_MIN_COLUMNS = 1024
 
 
 def gram(rows: Tensor) -> Tensor:
@@ -266,12 +288,13 @@ def moment_sums(layer: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]], keep:
     every = subsample_step(keep)
     sums: list[Tensor] = []
     count = 0
+    buffer: list[Tensor] = []  # the patch rows' memory, reused block after block
     for x_q, x_fp in chunks:
         per_sample = patches(layer, conv_input(layer, x_q[:1])).numel()
         for bq, bf in _blocks(x_q, x_fp, per_sample):
-            cq = conv_input(layer, bq).to(dtype)
-            e = cq - conv_input(layer, bf).to(dtype)
-            u = patch_rows(layer, cq, every, seed)  # [g, P, d]
+            cq = window_layout(conv_input(layer, bq).to(dtype))
+            e = cq - window_layout(conv_input(layer, bf).to(dtype))
+            u = patch_rows(layer, cq, every, seed, buffer)  # [g, P, d]
             we = (weighted_error(layer, e, w) if every == 1  # [g, P, co]
                   else torch.bmm(patch_rows(layer, e, every, seed), w_patch.transpose(1, 2)))
             terms = [gram(u), torch.bmm(we.transpose(1, 2), u), we.pow(2).sum()]

@@ -183,6 +183,14 @@ class GraphEngine:
         node = self._advance_to(name)
         yield from zip(self.q_stream.input_chunks(node), self.fp_stream.input_chunks(node))
 
+    def layer_rows(self, name: str, activation: Activation, at: Tensor) -> tuple[Tensor, Tensor]:
+        """`layer_data` of the samples `at` only."""
+        return rows_data(self.fp.get_submodule(name), self.input_chunks(name), activation, at)
+
+    @property
+    def samples(self) -> int:
+        return sum(len(chunk) for chunk in self.fp_stream.chunks)
+
     def unit_inputs(self, name: str) -> UnitInputs:
         """Every argument of unit `name` in the quantized stream, which stops before the unit
         (it runs the unit later, once the unit is rounded)."""
@@ -211,11 +219,33 @@ class RerunEngine:
         """(x^, x) chunk by chunk, each chunk from its own pair of forward passes."""
         return collect_input_chunks(self.fp, self.qmodel, name, self.chunks)
 
+    def layer_rows(self, name: str, activation: Activation, at: Tensor) -> tuple[Tensor, Tensor]:
+        """`layer_data` of the samples `at` only."""
+        return rows_data(self.fp.get_submodule(name), self.input_chunks(name), activation, at)
+
+    @property
+    def samples(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
     def unit_inputs(self, name: str) -> UnitInputs:
         return capture_inputs(self.qmodel, name, self.chunks)
 
     def unit_target(self, name: str, activation: Activation) -> Tensor:
         return capture_outputs(self.fp, name, self.chunks, activation)
+
+
+def rows_data(layer: nn.Module, chunks: Iterator[tuple[Tensor, Tensor]], activation: Activation,
+              at: Tensor) -> tuple[Tensor, Tensor]:
+    """(x^, target) of the samples `at` (indices over all chunks, in order) from (x^, x)
+    chunks: the target computed on those samples only."""
+    picked, offset = [], 0
+    for x_q, x_fp in chunks:
+        local = at[(at >= offset) & (at < offset + len(x_q))] - offset
+        if len(local) or not picked:  # an empty pick keeps the shapes where `at` is empty
+            picked.append((x_q[local], x_fp[local]))
+        offset += len(x_q)
+    return (torch.cat([q for q, _ in picked]),
+            torch.cat([layer_target(layer, f, activation) for _, f in picked]))
 
 
 def _take_constants(graph: fx.Graph, traced: nn.Module) -> dict[str, Tensor]:
