@@ -29,6 +29,14 @@ def _prepared(model: nn.Module, x: torch.Tensor, cfg: QuantConfig):  # type: ign
     return fp, trace, plans, swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
 
 
+def _two_engines(model: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-def]
+    """(fp, plans, qmodel, the one-pass engine, the rerun engine) on x in chunks of 16."""
+    fp, _, plans, qmodel = _prepared(model, x, QuantConfig(weight_bits=3))
+    chunks = list(x.split(16))
+    graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
+    return fp, plans, qmodel, graph, RerunEngine(fp, qmodel, chunks)
+
+
 @pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
 def test_one_pass_engine_gives_the_same_layer_data_as_rerunning(make, data) -> None:  # type: ignore[no-untyped-def]
     x = data(40)
@@ -80,11 +88,7 @@ def test_untraceable_network_falls_back_to_rerunning() -> None:
 
 @pytest.mark.parametrize("make, data", [(tiny_resnet, images), (tiny_mixed, sequences)])
 def test_both_engines_give_the_fp_and_quantized_inputs_chunk_by_chunk(make, data) -> None:  # type: ignore[no-untyped-def]
-    x = data(40)
-    fp, _, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
-    chunks = list(x.split(16))
-    graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
-    rerun = RerunEngine(fp, qmodel, chunks)
+    fp, plans, qmodel, graph, rerun = _two_engines(make(), data(40))
     for plan in plans:
         xq, _ = graph.layer_data(plan.name, None)
         for engine in (graph, rerun):
@@ -135,11 +139,7 @@ def test_one_pass_engine_gives_the_same_unit_data_as_rerunning(make, data) -> No
 def test_both_engines_give_chosen_rows_of_the_layer_data(make, data) -> None:  # type: ignore[no-untyped-def]
     from adaround.reconstruct.loop import eval_rows
 
-    x = data(40)
-    fp, _, plans, qmodel = _prepared(make(), x, QuantConfig(weight_bits=3))
-    chunks = list(x.split(16))
-    graph = make_engine(fp, qmodel, chunks, [p.name for p in plans])
-    rerun = RerunEngine(fp, qmodel, chunks)
+    _, plans, qmodel, graph, rerun = _two_engines(make(), data(40))
     picks = [torch.tensor([0, 5, 17, 31, 39]), torch.tensor([20]), eval_rows(40, 0, 40)]
     for plan in plans:
         act = plan.info.activation if plan.info else None

@@ -212,9 +212,9 @@ class DeltaGradient:
     hs_ref and g_ref = 2 (hs_ref A + r0) are refreshed exactly (float32) every REFRESH
     steps; in between only the change of hs since then goes through bfloat16 (8-bit
     mantissa, float32 accumulation), so the error is a fraction 2^-8 of the change's product,
-    not of the whole gradient. A 64 x 576 layer's product: 2.4x faster with AMX on one
-    thread (BENCHMARKS.md, "Steps"); codes and accuracy measured beside float32 there.
-    """
+    not of the whole gradient. A 64 x 576 layer's product with the conversions: 1.5x faster
+    with AMX on one or two threads; codes and accuracy beside float32 steps: BENCHMARKS.md,
+    "Against aimet-torch on a 2-core Xeon with AMX"."""
 
     def __init__(self, a: Tensor, r0: Tensor, rows: Callable[[Tensor], Tensor],
                  out: Tensor) -> None:
@@ -317,7 +317,6 @@ class EarlyStop:
 
 
 _FUSED_ADAM = hasattr(torch, "_fused_adam_")
-FUSED_ADAM_MIN = 0  # elements from which the fused kernel beats the 7 element-wise kernels
 
 
 class Adam:
@@ -331,7 +330,7 @@ class Adam:
         self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
         self.one = torch.ones((), dtype=torch.float32, device=param.device)
         self.denom = torch.empty_like(param)
-        self.fused = _FUSED_ADAM and param.numel() >= FUSED_ADAM_MIN
+        self.fused = _FUSED_ADAM
 
     def step(self, grad: Tensor) -> None:
         b1, b2 = self.betas
