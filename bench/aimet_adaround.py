@@ -1,4 +1,4 @@
-"""AdaRound with aimet-torch (the authors' toolkit) on CIFAR-10 ResNet-20, for comparison.
+"""AdaRound with aimet-torch (the authors' toolkit) on CIFAR-10 ResNet-20/56 or EfficientNet-Lite0.
 
 Run it with the python of the throwaway venv made by ``bench/aimet_venv.sh`` (never a
 dependency of this project; adaround is not installed there):
@@ -106,6 +106,56 @@ def load_cifar(root: Path, n_calib: int, seed: int, n_eval: int | None,  # type:
     return model, pool[pick].contiguous(), x_test, y_test
 
 
+def load_effnet(root: Path, n_calib: int, seed: int, n_eval: int | None):  # type: ignore[no-untyped-def]
+    """EfficientNet-Lite0 and the ImageNet sample exactly as bench_weights.load_effnet (the
+    same 200 / 800 split), with its TensorFlow-"SAME" convolutions rewritten for aimet."""
+    import torch
+
+    _repo_helpers()
+    from adaround.data.files import imagenet_sample_split
+    from adaround.models.efficientnet import (
+        EFFICIENTNET_LITE_MEAN,
+        EFFICIENTNET_LITE_STD,
+        efficientnet_lite0,
+    )
+
+    model = efficientnet_lite0()
+    x_calib, x_eval, y_eval = imagenet_sample_split(
+        root / "imagenet-sample", n_calib=n_calib, seed=seed, mean=EFFICIENTNET_LITE_MEAN,
+        std=EFFICIENTNET_LITE_STD)
+    if n_eval is not None:
+        x_eval, y_eval = x_eval[:n_eval], y_eval[:n_eval]
+    plain = plain_same_convs(copy.deepcopy(model))
+    with torch.no_grad():  # the rewrite computes the same network
+        gap = (plain(x_eval[:8]) - model(x_eval[:8])).abs().max().item()
+    if gap > 1e-4:
+        raise RuntimeError(f"rewritten EfficientNet-Lite0 differs from the package's by {gap}")
+    return plain, x_calib, x_eval, y_eval
+
+
+def plain_same_convs(model):  # type: ignore[no-untyped-def]
+    """Each ``Conv2dStaticSamePadding`` (an nn.Conv2d subclass that pads in its own forward,
+    which aimet's quantized Conv2d would drop) as ``Sequential(ZeroPad2d, Conv2d)`` with the
+    same weights; the ReLU6 instances the package shares between activations made distinct."""
+    from torch import nn
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child).__name__ == "Conv2dStaticSamePadding":
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                 stride=child.stride, padding=0, dilation=child.dilation,
+                                 groups=child.groups, bias=child.bias is not None)
+                conv.load_state_dict({k: v for k, v in child.state_dict().items()
+                                      if not k.startswith("static_padding")})
+                pad = child.static_padding
+                setattr(module, child_name, nn.Sequential(
+                    nn.ZeroPad2d(pad.padding) if isinstance(pad, nn.ZeroPad2d) else nn.Identity(),
+                    conv))
+            elif isinstance(child, nn.ReLU6):
+                setattr(module, child_name, nn.ReLU6())
+    return model.eval()
+
+
 def top1(model, x, y, batch_size: int = 250) -> float:  # type: ignore[no-untyped-def]
     import torch
 
@@ -142,7 +192,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=None,
                    help="shared data folder (default: $ADAROUND_DATA or ../shared/data)")
-    p.add_argument("--model", choices=["resnet20", "resnet56"], default="resnet20")
+    p.add_argument("--model", choices=["resnet20", "resnet56", "efficientnet_lite0"],
+                   default="resnet20")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--num-calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=2000)
@@ -195,8 +246,12 @@ def main() -> int:
 
     root = Path(args.data_root or default_data_root())
     try:
-        model, calib, x_test, y_test = load_cifar(root, args.num_calib, args.seed, args.num_eval,
-                                                  args.model)
+        if args.model == "efficientnet_lite0":
+            model, calib, x_test, y_test = load_effnet(root, args.num_calib, args.seed,
+                                                       args.num_eval)
+        else:
+            model, calib, x_test, y_test = load_cifar(root, args.num_calib, args.seed,
+                                                      args.num_eval, args.model)
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 2

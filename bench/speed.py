@@ -166,10 +166,6 @@ def _aimet_cmd(args: argparse.Namespace) -> list[str] | None:
         print(f"aimet-torch skipped: no venv python at {python} (create it with "
               "`bash bench/aimet_venv.sh /work/aimet-venv`, see DEVELOPERS.md)")
         return None
-    if args.model not in ("resnet20", "resnet56"):
-        print(f"aimet-torch skipped: bench/aimet_adaround.py runs the CIFAR ResNets, not "
-              f"{args.model}")
-        return None
     cmd = [str(python), str(BENCH / "aimet_adaround.py"), "--model", args.model,
            "--bits", str(args.bits),
            "--grid", args.grid, "--num-calib", str(args.num_calib), "--iters", str(args.iters),
