@@ -177,10 +177,13 @@ def quadratic_gradient(a: Tensor, r: Tensor, offset: Tensor, rows: Callable[[Ten
     rows = ViewOf(rows)
     if r0.numel() * a.shape[-1] < PARALLEL_PRODUCT:
         threads = 1
+
+    def exact(hs: Tensor) -> Tensor:
+        return torch.baddbmm(r0, rows(hs), a, beta=2, alpha=2, out=out)
+
     if bf16_steps(a, precision):
-        return on_threads(threads, DeltaGradient(a, r0, rows, out))
-    return on_threads(threads, lambda hs: torch.baddbmm(r0, rows(hs), a, beta=2, alpha=2,
-                                                        out=out))
+        return on_threads(threads, DeltaGradient(exact, a, rows, out))
+    return on_threads(threads, exact)
 
 
 BF16_MIN_ROW = 512  # row length d from which a bfloat16 step product beats float32 (AMX)
@@ -216,9 +219,10 @@ class DeltaGradient:
     with AMX on one or two threads; codes and accuracy beside float32 steps: BENCHMARKS.md,
     "Against aimet-torch on a 2-core Xeon with AMX"."""
 
-    def __init__(self, a: Tensor, r0: Tensor, rows: Callable[[Tensor], Tensor],
-                 out: Tensor) -> None:
-        self.a, self.r0, self.rows, self.out = a, r0, rows, out
+    def __init__(self, exact: Callable[[Tensor], Tensor], a: Tensor,
+                 rows: Callable[[Tensor], Tensor], out: Tensor) -> None:
+        """`exact`: hs -> 2 (hs A + r0) in float32, written into `out`."""
+        self.exact, self.rows, self.out = exact, rows, out
         self.a2 = (2 * a).to(torch.bfloat16)  # 2A: exact in any binary format
         self.g_ref = torch.empty_like(out)
         self.change = torch.empty(out.shape, dtype=torch.bfloat16, device=out.device)
@@ -229,8 +233,7 @@ class DeltaGradient:
 
     def __call__(self, hs: Tensor) -> Tensor:
         if self.calls % REFRESH == 0:
-            torch.baddbmm(self.r0, self.rows(hs), self.a, beta=2, alpha=2, out=self.out)
-            self.g_ref.copy_(self.out)
+            self.g_ref.copy_(self.exact(hs))
             if self.hs_ref is None:
                 self.hs_ref, self.delta = hs.clone(), torch.empty_like(hs)
                 self.delta16 = torch.empty_like(hs, dtype=torch.bfloat16)
@@ -330,12 +333,11 @@ class Adam:
         self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
         self.one = torch.ones((), dtype=torch.float32, device=param.device)
         self.denom = torch.empty_like(param)
-        self.fused = _FUSED_ADAM
 
     def step(self, grad: Tensor) -> None:
         b1, b2 = self.betas
         self.t += 1
-        if self.fused:
+        if _FUSED_ADAM:
             self.steps.add_(self.one)
             # the fused kernel walks raw memory: a gradient in another layout (channels-last,
             # from a convolution's weight gradient) must be laid out as the parameter first

@@ -280,11 +280,10 @@ def _through_wrappers(graph: fx.Graph, traced: nn.Module) -> None:
 
 
 def _graph_matches_eager(graph: fx.Graph, fp: nn.Module, sample: Tensor,
-                         constants: dict[str, Tensor], given: Tensor | None = None) -> bool:
-    """The traced graph, run on the FP network, gives the eager forward's outputs: fx bakes
-    whatever it cannot trace through into constants, which would make every layer's data
-    wrong without a sign. `given`: the sample as the caller gave it, for the eager forward,
-    where the graph runs on another layout of it."""
+                         constants: dict[str, Tensor], eager: Any) -> bool:
+    """The traced graph, run on the FP network on `sample`, gives `eager`, the eager
+    forward's outputs on the sample as the caller gave it: fx bakes whatever it cannot trace
+    through into constants, which would make every layer's data wrong without a sign."""
     stream = Stream(graph, fp, [sample], constants=constants)
     try:
         stream.run_until(len(stream.nodes))
@@ -292,12 +291,11 @@ def _graph_matches_eager(graph: fx.Graph, fp: nn.Module, sample: Tensor,
     except Exception as exc:  # noqa: BLE001 - any failure: use the eager path
         log.info("the torch.fx graph does not run (%s: %s)", type(exc).__name__, exc)
         return False
-    return relative_error(run_outputs(fp, sample if given is None else given),
-                          traced) <= TOLERANCE
+    return relative_error(eager, traced) <= TOLERANCE
 
 
 def faster_layout(graph: fx.Graph, fp: nn.Module, chunks: list[Tensor],
-                  constants: dict[str, Tensor]) -> list[Tensor]:
+                  constants: dict[str, Tensor], eager: Any) -> list[Tensor]:
     """Image batches channels-last where the graph runs on them to the same outputs: CPU
     convolutions run faster on it and the moments copy their patches from it (ResNet-20,
     1024 images: the streams' passes 1.5 -> 1.1 s). A network that cannot take them (a
@@ -305,8 +303,7 @@ def faster_layout(graph: fx.Graph, fp: nn.Module, chunks: list[Tensor],
     if chunks[0].dim() != 4 or chunks[0].device.type != "cpu":
         return chunks
     turned = [c.contiguous(memory_format=torch.channels_last) for c in chunks]
-    if not _graph_matches_eager(graph, fp, turned[0][:CHECK_SAMPLES], constants,
-                                given=chunks[0][:CHECK_SAMPLES]):
+    if not _graph_matches_eager(graph, fp, turned[0][:CHECK_SAMPLES], constants, eager):
         return chunks
     return turned
 
@@ -324,14 +321,15 @@ def make_engine(fp: nn.Module, qmodel: nn.Module, chunks: list[Tensor],
         return RerunEngine(fp, qmodel, chunks)
     _through_wrappers(graph, qmodel)
     constants = _take_constants(graph, qmodel)
-    if not _graph_matches_eager(graph, fp, chunks[0][:CHECK_SAMPLES], constants):
+    eager = run_outputs(fp, chunks[0][:CHECK_SAMPLES])  # one eager pass for both checks
+    if not _graph_matches_eager(graph, fp, chunks[0][:CHECK_SAMPLES], constants, eager):
         log.warning("the torch.fx graph of %s computes other outputs than its forward (code "
                     "that fx records as constants); re-running the network for each layer",
                     type(qmodel).__name__)
         return RerunEngine(fp, qmodel, chunks)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    engine = GraphEngine(graph, fp, qmodel, faster_layout(graph, fp, chunks, constants), store,
-                         constants)
+    engine = GraphEngine(graph, fp, qmodel, faster_layout(graph, fp, chunks, constants, eager),
+                         store, constants)
     order = [engine.position.get(name, -1) for name in names]
     extra_inputs = any(not p.args for p in placeholders[1:])
     if extra_inputs or min(order, default=0) < 0 or order != sorted(order):
