@@ -49,8 +49,9 @@ CONFIGS = {
     # Fisher-weighted blocks: the weights normalised by all-reduced means
     "fisher": dict(weight_bits=3, act_bits=4, method="brecq", fisher=True, iters=40, lr=3e-2),
 }
-RESUMED = ("quadratic", "brecq")  # interrupted after STOP_AFTER units, then resumed
-STOP_AFTER = 2
+EXACT = ("quadratic", "hf_quadratic", "float")  # the 1-process codes bit for bit
+RESUMED = ["quadratic", "brecq"]  # interrupted after STOP_AFTER units, then resumed
+STOP_AFTER = {"quadratic": 2, "brecq": 2, "hf_quadratic": 1}  # the tiny Llama: 2 blocks
 
 
 HF_CONFIGS = {  # run where transformers is installed
@@ -60,6 +61,7 @@ HF_CONFIGS = {  # run where transformers is installed
 try:
     import transformers  # noqa: F401
     CONFIGS.update(HF_CONFIGS)
+    RESUMED.append("hf_quadratic")
 except ImportError:
     pass
 
@@ -81,36 +83,32 @@ def _codes(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.codes.clone() for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
 
 
-def _run(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+def _run(name: str, checkpoint_dir: Path | None = None
+         ) -> tuple[dict[str, torch.Tensor], list[int]]:
     if name.startswith("hf_"):
-        return _run_hf(name)
+        return _run_hf(name, checkpoint_dir)
     model, x = _model_and_data()
     threshold = distributed.ROW_SPLIT_MIN
     distributed.ROW_SPLIT_MIN = 0 if name == "quadratic" else threshold
     try:
-        qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]))
+        qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]),
+                                   checkpoint_dir=checkpoint_dir)
     finally:
         distributed.ROW_SPLIT_MIN = threshold
     return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
 
 
-def _run_hf(name: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+def _run_hf(name: str, checkpoint_dir: Path | None = None
+            ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """A tiny random Llama, block by block (quantize_hf): 4 batches of padded sentences."""
-    import transformers
+    from tiny_hf import padded_batch, tiny_llama
 
     from adaround.hf import HFOptions, quantize_hf
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)).eval()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 64, (32, 10), generator=g)
-    mask = torch.ones_like(ids)
-    for i, k in enumerate(torch.randint(3, 11, (32,), generator=g).tolist()):
-        mask[i, k:], ids[i, k:] = 0, 0
-    qmodel = quantize_hf(model, {"input_ids": ids, "attention_mask": mask},
-                         adaround.QuantConfig(**HF_CONFIGS[name]), HFOptions(forward_batch=8))
+    model = tiny_llama()
+    qmodel = quantize_hf(model, padded_batch(32, 10),
+                         adaround.QuantConfig(**HF_CONFIGS[name]), HFOptions(forward_batch=8),
+                         checkpoint_dir=checkpoint_dir)
     return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
 
 
@@ -120,24 +118,22 @@ class _Stopped(Exception):
 
 def _interrupt_and_resume(name: str, out: Path, rank: int
                           ) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """A 2-process run stopped after STOP_AFTER units (each process raises once the unit is
+    """A 2-process run stopped after STOP_AFTER[name] units (each process raises once the unit is
     recorded, as a job killed then), its progress kept for the 1-process resume below, then
     the same run again: it resumes from the folder both processes share."""
     from adaround import checkpoint
 
     folder = out / f"ck_{name}"
-    model, x = _model_and_data()
-    cfg = adaround.QuantConfig(**CONFIGS[name])
     record = checkpoint.Checkpoint.record
 
     def stop_after(self: checkpoint.Checkpoint, *args: object) -> None:
         record(self, *args)
-        if len(self.done) == STOP_AFTER:
+        if len(self.done) == STOP_AFTER[name]:
             raise _Stopped
 
     checkpoint.Checkpoint.record = stop_after  # type: ignore[method-assign]
     try:
-        adaround.quantize(model, x, cfg, checkpoint_dir=folder)
+        _run(name, folder)
         raise AssertionError("the run was not interrupted")
     except _Stopped:
         pass
@@ -148,8 +144,7 @@ def _interrupt_and_resume(name: str, out: Path, rank: int
         partial = out / f"partial_{name}"
         partial.mkdir()
         (partial / checkpoint.FILE).write_bytes((folder / checkpoint.FILE).read_bytes())
-    qmodel = adaround.quantize(model, x, cfg, checkpoint_dir=folder)
-    return _codes(qmodel), [r.iters for r in qmodel.adaround_report]
+    return _run(name, folder)
 
 
 def _local_folders(out: Path, rank: int) -> str:
@@ -222,7 +217,7 @@ def test_two_processes_give_the_one_process_codes(name: str, two_processes: dict
         assert codes.keys() == reference.keys()
         differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
         total = sum(c.numel() for c in codes.values())
-        if name in ("quadratic", "hf_quadratic", "float"):  # rows split or whole layers:
+        if name in EXACT:  # rows split or whole layers:
             # bit for bit, same steps
             assert differ == 0, f"rank {rank}: {differ} of {total} codes differ"
             assert dist_iters == iters
@@ -250,7 +245,7 @@ def test_an_interrupted_two_process_run_resumes_to_the_one_process_codes(
         # ... which is the 1-process run (rows split: exactly; blocks: a few codes may differ)
         assert resumed_iters == iters
         differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
-        assert differ <= (0 if name == "quadratic" else 0.01 * total), f"{differ} differ"
+        assert differ <= (0 if name in EXACT else 0.01 * total), f"{differ} differ"
 
 
 @pytest.mark.parametrize("name", RESUMED)
@@ -259,16 +254,13 @@ def test_a_two_process_checkpoint_resumes_in_one_process(
     """The number of processes may change between runs: the codes do not depend on it."""
     partial = two_processes["folder"] / f"partial_{name}" / "progress.pt"
     (tmp_path / "progress.pt").write_bytes(partial.read_bytes())
-    assert len(torch.load(partial, weights_only=False)["done"]) == STOP_AFTER
-    model, x = _model_and_data()
-    qmodel = adaround.quantize(model, x, adaround.QuantConfig(**CONFIGS[name]),
-                               checkpoint_dir=tmp_path)
+    assert len(torch.load(partial, weights_only=False)["done"]) == STOP_AFTER[name]
+    codes, resumed_iters = _run(name, tmp_path)
     reference, iters = _run(name)
-    codes = _codes(qmodel)
     differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
     total = sum(c.numel() for c in codes.values())
-    assert [r.iters for r in qmodel.adaround_report] == iters
-    assert differ <= (0 if name == "quadratic" else 0.01 * total), f"{differ} differ"
+    assert resumed_iters == iters
+    assert differ <= (0 if name in EXACT else 0.01 * total), f"{differ} differ"
 
 
 def test_fisher_weights_are_normalised_over_all_processes(two_processes: dict) -> None:

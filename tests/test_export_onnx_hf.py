@@ -99,24 +99,7 @@ def test_default_session_quantizes_matmul_activations_of_the_qdq_form() -> None:
 # -- Hugging Face -------------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
-
-
-def _tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=32)
-    return transformers.BertModel(config).eval()
-
-
-def _batch(n: int, length: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (n, length), generator=g)
-    mask = torch.ones_like(ids)
-    for i, k in enumerate(torch.randint(3, length + 1, (n,), generator=g).tolist()):
-        mask[i, k:] = 0
-        ids[i, k:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+from tiny_hf import padded_batch, tiny_bert  # noqa: E402
 
 
 @pytest.mark.parametrize("cfg", [dict(weight_bits=4, per_channel=True),
@@ -124,13 +107,13 @@ def _batch(n: int, length: int, seed: int = 1) -> dict[str, torch.Tensor]:
 def test_hugging_face_model_exports_with_named_dynamic_inputs(cfg: dict) -> None:
     from adaround.hf import quantize_hf
 
-    qmodel = quantize_hf(_tiny_bert(), _batch(16, 10), QuantConfig(iters=20, **cfg))
-    proto = build_onnx(qmodel, _batch(2, 7))  # exported at batch 2, length 7
+    qmodel = quantize_hf(tiny_bert(), padded_batch(16, 10), QuantConfig(iters=20, **cfg))
+    proto = build_onnx(qmodel, padded_batch(2, 7))  # exported at batch 2, length 7
     assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in proto.graph.output] == ["last_hidden_state", "pooler_output"]
     dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "sequence"]
-    batch = _batch(5, 12, seed=3)  # run at batch 5, length 12, with padding
+    batch = padded_batch(5, 12, seed=3)  # run at batch 5, length 12, with padding
     with torch.no_grad():
         ref = qmodel(**batch)
     out = _session(proto, exact_session_options()).run(
@@ -147,7 +130,7 @@ def test_causal_lm_exports_its_logits_without_the_cache() -> None:
                                       num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=64, max_position_embeddings=32)
     model = transformers.LlamaForCausalLM(config).eval()
-    batch = _batch(8, 10)
+    batch = padded_batch(8, 10)
     batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # no left padding
     qmodel = quantize_hf(model, batch, QuantConfig(iters=20, per_channel=True))
     proto = build_onnx(qmodel, {k: v[:2, :7] for k, v in batch.items()})

@@ -14,35 +14,9 @@ from adaround.hf.store import BatchStore, Budget
 from adaround.nn.quant_layer import QuantLayer
 
 transformers = pytest.importorskip("transformers")
+from tiny_hf import padded_batch, tiny_bert, tiny_llama  # noqa: E402
 
 CFG = QuantConfig(iters=60, loss="quadratic", per_channel=True)
-
-
-def tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=32)
-    return transformers.BertModel(config).eval()
-
-
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=64, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def padded_batch(n: int = 16, length: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (n, length), generator=g)
-    mask = torch.ones_like(ids)
-    lengths = torch.randint(3, length + 1, (n,), generator=g)
-    for i, k in enumerate(lengths.tolist()):
-        mask[i, k:] = 0
-        ids[i, k:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _linears(model: nn.Module) -> list[str]:
@@ -170,6 +144,48 @@ def test_memory_budget_spills_block_inputs_to_disk_with_the_same_result() -> Non
         assert torch.equal(in_memory.get_submodule(name).codes, spilled.get_submodule(name).codes)
 
 
+class _Killed(Exception):
+    """Raised once the first block's progress is written: the job killed there."""
+
+
+def test_an_interrupted_run_resumes_after_the_last_block_with_the_same_codes(
+        tmp_path, monkeypatch) -> None:
+    """Killed after block 0 (progress written), started again: blocks 0's codes restored, not
+    rounded again, blocks 1 and the head rounded as in an uninterrupted run, bit for bit."""
+    from adaround import checkpoint
+
+    model, batch = tiny_llama(), padded_batch()
+    cfg = QuantConfig(iters=60, loss="sampled", per_channel=True, batch_size=16)
+    opts = HFOptions(forward_batch=8, head=True)
+    whole = quantize_hf(model, batch, cfg, opts)
+    record = checkpoint.Checkpoint.record
+
+    def killed_after_first(self, *args) -> None:
+        record(self, *args)
+        raise _Killed
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "record", killed_after_first)
+    with pytest.raises(_Killed):
+        quantize_hf(model, batch, cfg, opts, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(checkpoint.Checkpoint, "record", record)
+    assert torch.load(tmp_path / checkpoint.FILE, weights_only=False)["done"] == ["model.layers.0"]
+    rounded: list[str] = []
+    real_round = adaround.hf.pipeline._round
+    monkeypatch.setattr(adaround.hf.pipeline, "_round",
+                        lambda name, *a: (rounded.append(name), real_round(name, *a))[1])
+    resumed = quantize_hf(model, batch, cfg, opts, checkpoint_dir=tmp_path)
+    assert rounded and not any(n.startswith("model.layers.0.") for n in rounded)
+    assert "lm_head" in rounded  # the head after the blocks
+    assert [r.name for r in resumed.adaround_report] == [r.name for r in whole.adaround_report]
+    for name in _linears(whole):  # the sampled loss: the generator's state was restored too
+        assert torch.equal(whole.get_submodule(name).codes, resumed.get_submodule(name).codes)
+    with pytest.raises(adaround.CheckpointError, match="HFOptions"):
+        quantize_hf(model, batch, cfg, HFOptions(forward_batch=8), checkpoint_dir=tmp_path)
+    # where and how fast it runs is not part of the fingerprint
+    quantize_hf(model, batch, cfg, HFOptions(forward_batch=8, head=True, memory_budget_mb=0),
+                checkpoint_dir=tmp_path)
+
+
 def test_batch_store_accounts_for_memory() -> None:
     budget = Budget(limit_mb=1 / 1024)  # 1 KiB
     store = BatchStore(budget)
@@ -198,7 +214,9 @@ def test_cli_quantizes_a_local_model_folder_from_a_tsv_column(tmp_path) -> None:
     argv = ["--quiet", "quantize", "--hf-model", str(folder), "--calib-text", str(tsv),
             "--tsv-column", "1", "--bits", "4", "--group-size", "16", "--iters", "20",
             "-o", str(out)]
-    assert main(argv) == 0 and out.is_file()
+    progress = tmp_path / "progress"
+    assert main([*argv, "--checkpoint", str(progress)]) == 0 and out.is_file()
+    assert not progress.exists()  # the output written: the progress folder removed
     fp = transformers.BertModel.from_pretrained(str(folder)).eval()
     back = adaround.load(out, fp)
     assert back.encoder.layer[0].intermediate.dense.scale.shape == (64, 2)

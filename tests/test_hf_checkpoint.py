@@ -17,23 +17,7 @@ from adaround import QuantConfig
 from adaround.hf import HFOptions, quantize_hf, save_compressed
 
 transformers = pytest.importorskip("transformers")
-
-
-def _tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=32)
-    return transformers.BertModel(config).eval()
-
-
-def _tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=64, max_position_embeddings=32,
-                                      tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(config).eval()
+from tiny_hf import tiny_bert, tiny_llama  # noqa: E402
 
 
 def _batch(n: int = 8, length: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -53,7 +37,7 @@ def _batch(n: int = 8, length: int = 10, seed: int = 1) -> dict[str, torch.Tenso
 ])
 def test_from_pretrained_loads_the_simulated_model(tmp_path: Path, cfg: dict) -> None:
     pytest.importorskip("compressed_tensors")
-    qmodel = quantize_hf(_tiny_bert(), _batch(), QuantConfig(iters=20, **cfg))
+    qmodel = quantize_hf(tiny_bert(), _batch(), QuantConfig(iters=20, **cfg))
     save_compressed(qmodel, tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     quant = config["quantization_config"]
@@ -73,7 +57,7 @@ def test_packed_int4_is_an_eighth_of_float_and_codes_round_trip(tmp_path: Path) 
     pytest.importorskip("compressed_tensors")
     from safetensors.torch import load_file
 
-    qmodel = quantize_hf(_tiny_bert(), _batch(), QuantConfig(iters=20, per_channel=True))
+    qmodel = quantize_hf(tiny_bert(), _batch(), QuantConfig(iters=20, per_channel=True))
     state = load_file(save_compressed(qmodel, tmp_path / "c") / "model.safetensors")
     query = qmodel.get_submodule("encoder.layer.0.attention.self.query")
     packed = state["encoder.layer.0.attention.self.query.weight_packed"]
@@ -87,7 +71,8 @@ def test_packed_int4_is_an_eighth_of_float_and_codes_round_trip(tmp_path: Path) 
 
 def test_llama_with_tied_head_and_quantized_lm_head(tmp_path: Path) -> None:
     pytest.importorskip("compressed_tensors")
-    qmodel = quantize_hf(_tiny_llama(), _batch(), QuantConfig(iters=20, per_channel=True),
+    qmodel = quantize_hf(tiny_llama(tie_word_embeddings=True), _batch(),
+                         QuantConfig(iters=20, per_channel=True),
                          HFOptions(head=False))
     save_compressed(qmodel, tmp_path / "llama")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama",
@@ -98,7 +83,7 @@ def test_llama_with_tied_head_and_quantized_lm_head(tmp_path: Path) -> None:
 
 
 def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    qmodel = quantize_hf(_tiny_bert(), _batch(), QuantConfig(iters=5, per_channel=True))
+    qmodel = quantize_hf(tiny_bert(), _batch(), QuantConfig(iters=5, per_channel=True))
     monkeypatch.setitem(sys.modules, "compressed_tensors.compressors.pack_quantized.helpers",
                         None)
     with pytest.raises(adaround.ExportError, match="adaround\\[compressed\\]"):
@@ -118,7 +103,7 @@ def test_cli_writes_the_checkpoint_beside_the_packed_file(tmp_path: Path) -> Non
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]",
                                                    "[MASK]", *words]) + "\n")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
-    model = _tiny_bert()
+    model = tiny_bert()
     model.save_pretrained(tmp_path / "fp")
     tokenizer.save_pretrained(tmp_path / "fp")
     (tmp_path / "calib.txt").write_text("the cat sat on the mat\na big red dog ran far away\n")

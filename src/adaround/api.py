@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -300,12 +301,17 @@ def _layer_moments(engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLa
                  type(qlayer.layer).__name__)
         return None
     try:
-        first = quantize_layer_input(qlayer, next(iter(engine.input_chunks(name)))[0][:1])
+        # the first chunk decides "auto" and is then summed with the rest (not fetched twice:
+        # the rerun engine runs the network for each chunk it hands out)
+        stream = iter(engine.input_chunks(name))
+        head = next(stream)
+        first = quantize_layer_input(qlayer, head[0][:1])
         if cfg.loss == "auto":
             quadratic_cost, sampled_cost = step_costs(qlayer.layer, first, cfg.batch_size)
             if quadratic_cost >= sampled_cost:
                 return None
-        chunks = ((quantize_layer_input(qlayer, xq), xf) for xq, xf in engine.input_chunks(name))
+        chunks = ((quantize_layer_input(qlayer, xq), xf)
+                  for xq, xf in itertools.chain([head], stream))
         share = _moment_share(qlayer, first, cfg, engine.samples if samples is None else samples)
         moments = accumulate(qlayer.layer, chunks, *share)
     except UnfoldError as exc:
@@ -369,10 +375,43 @@ def _round_layers(
         return _reconstruct_each(engine, qmodel, plans, cfg, progress, checkpoint)
 
 
+class LayerWork:
+    """How `_reconstruct_each` gets a layer's moments and rounds it: in this process (this
+    class), or split across a process group (`adaround.distributed.SharedWork`)."""
+
+    speaks = True  # logs the per-layer lines (process 0 of a group only)
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples  # calibration samples the engine holds
+
+    def moments(self, engine: GraphEngine | RerunEngine, name: str, qlayer: QuantLayer,
+                cfg: QuantConfig) -> Moments | None:
+        return _layer_moments(engine, name, qlayer, cfg)
+
+    def eval_at(self) -> Tensor:
+        """The engine's samples that the per-layer losses of a quadratic-only layer need."""
+        return eval_rows(self.samples, 0, self.samples)
+
+    def round(self, name: str, qlayer: QuantLayer, xq: Tensor, target: Tensor,
+              activation: Any, cfg: QuantConfig, generator: torch.Generator, progress: bool,
+              start: float, moments: Moments | None, rows_only: bool) -> LayerResult:
+        """Round one layer on (xq, target): all the engine's samples, or `eval_at`'s only
+        (`rows_only`)."""
+        return adaround_layer(name, qlayer, xq, target, activation, cfg, generator, progress,
+                              start, moments)
+
+    def round_independent(self, named: list[tuple[str, QuantLayer, Moments]],
+                          cfg: QuantConfig, progress: bool) -> list[LayerResult]:
+        """inputs="float": the layers collected on the quadratic loss, rounded together."""
+        return round_stacked(named, cfg, progress)
+
+
 def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
                       plans: list[LayerPlan], cfg: QuantConfig,
-                      progress: bool, checkpoint: Checkpoint) -> list[LayerResult]:
+                      progress: bool, checkpoint: Checkpoint,
+                      work: LayerWork | None = None) -> list[LayerResult]:
     """AdaRound every planned layer in execution order (nearest where it cannot)."""
+    work = work or LayerWork(engine.samples)
     generator = torch.Generator().manual_seed(cfg.seed)
     report: list[LayerResult] = checkpoint.restore(qmodel, generator)
     stacked: list[tuple[str, QuantLayer, Moments]] = []
@@ -385,32 +424,34 @@ def _reconstruct_each(engine: GraphEngine | RerunEngine, qmodel: nn.Module,
         start = time.perf_counter()
         activation = plan.info.activation if cfg.loss_after_activation else None
         qlayer = qmodel.get_submodule(plan.name)
-        moments = _layer_moments(engine, plan.name, qlayer, cfg)
-        if gathers_no_data(moments, cfg):
+        moments = work.moments(engine, plan.name, qlayer, cfg)
+        rows_only = gathers_no_data(moments, cfg)
+        if rows_only:
             if cfg.inputs == "float":
                 stacked.append((plan.name, qlayer, moments))  # rounded below, with its likes
                 continue
-            xq, target = engine.layer_rows(plan.name, activation,
-                                           eval_rows(engine.samples, 0, engine.samples))
+            xq, target = engine.layer_rows(plan.name, activation, work.eval_at())
         else:
             xq, target = engine.layer_data(plan.name, activation)
         xq = quantize_layer_input(qlayer, xq)  # x^ includes the layer's activation grid
         check_finite(plan.name, "inputs", xq)
         check_finite(plan.name, "FP outputs (targets)", target)
-        result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
-                                progress, start, moments)
+        result = work.round(plan.name, qlayer, xq, target, activation, cfg, generator,
+                            progress, start, moments, rows_only)
         del xq, target, moments
         check_result(result.name, result.loss_nearest, result.loss_adaround)
         report.append(result)
         checkpoint.record([plan.name], qmodel, generator, report)
-        _log_layer(result, plan, qlayer, cfg, activation is not None)
+        if work.speaks:
+            _log_layer(result, plan, qlayer, cfg, activation is not None)
     by_name = {p.name: p for p in plans}
-    stacked_results = round_stacked(stacked, cfg, progress)
+    stacked_results = work.round_independent(stacked, cfg, progress)
     for result in stacked_results:
         check_result(result.name, result.loss_nearest, result.loss_adaround)
         report.append(result)
-        qlayer = qmodel.get_submodule(result.name)
-        _log_layer(result, by_name[result.name], qlayer, cfg, False)
+        if work.speaks:
+            _log_layer(result, by_name[result.name], qmodel.get_submodule(result.name), cfg,
+                       False)
     if stacked_results:
         checkpoint.record([r.name for r in stacked_results], qmodel, generator, report)
     order = {p.name: i for i, p in enumerate(plans)}

@@ -51,28 +51,34 @@ def tensor_digest(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model: nn.Module, x: Tensor, cfg: QuantConfig) -> dict[str, Any]:
+def fingerprint(model: nn.Module, x: Tensor | dict[str, Tensor], cfg: QuantConfig,
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run's result depends on: config, weights, data (a tensor, or named tensors such
+    as a transformer's batches) and `options` beyond the config (quantize_hf's HFOptions)."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in _NEUTRAL}
+    data = x if isinstance(x, dict) else {"x": x}
     return {"version": VERSION, "config": config, "model": tensor_digest(model.state_dict()),
-            "data": tensor_digest({"x": x})}
+            "data": tensor_digest(data), "options": options}
 
 
 _WHAT = {"config": "options (QuantConfig)", "model": "model weights",
-         "data": "calibration data", "version": "checkpoint format"}
+         "data": "calibration data", "options": "options (HFOptions)",
+         "version": "checkpoint format"}
 
 
 class Checkpoint:
     """The progress of one run; `Checkpoint(None, ...)` records nothing."""
 
-    def __init__(self, folder: str | os.PathLike[str] | None, model: nn.Module, x: Tensor,
-                 cfg: QuantConfig, writer: bool = True, processes: int = 1) -> None:
+    def __init__(self, folder: str | os.PathLike[str] | None, model: nn.Module,
+                 x: Tensor | dict[str, Tensor], cfg: QuantConfig, writer: bool = True,
+                 processes: int = 1, options: dict[str, Any] | None = None) -> None:
         self.path = None if folder is None else Path(folder) / FILE
         self.writer, self.processes = writer, processes
         self.done: list[str] = []
         self.state: dict[str, Any] | None = None
         if self.path is None:
             return
-        self.fingerprint = fingerprint(model, x, cfg)
+        self.fingerprint = fingerprint(model, x, cfg, options)
         if self.path.exists():
             self.state = self._read()
             self.done = list(self.state["done"])

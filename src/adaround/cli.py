@@ -128,8 +128,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         if args.model:
             raise UsageError("pass either a model reference or --hf-model, not both")
-        if args.checkpoint:
-            raise UsageError("--checkpoint is not supported with --hf-model yet: drop it")
         return quantize_hf_from_args(args, cfg)
     if not args.model or not args.calib:
         raise UsageError("quantize needs a model reference and --calib (or --hf-model FOLDER "

@@ -82,12 +82,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from adaround.checkpoint import Checkpoint
 from adaround.config import QuantConfig
 from adaround.errors import CalibrationDataError
-from adaround.nn.act_quant import quantize_layer_input
 from adaround.nn.quant_layer import QuantLayer
 from adaround.reconstruct.loop import (
     LayerResult,
@@ -407,66 +405,56 @@ def adaround_layer(name: str, qlayer: QuantLayer, x: Tensor, target: Tensor,
                         (start, begin, step_seconds))
 
 
+class SharedWork:
+    """`adaround.api.LayerWork` across the processes of the group (this process holds the
+    samples of `part`): moments all-reduced, rows split (quadratic loss) or gradients summed
+    (sampled loss), per-layer losses on each process's report samples, summed; independent
+    layers (inputs="float") whole, each on one process (`distributed_whole`)."""
+
+    def __init__(self, part: Shard) -> None:
+        self.part, self.speaks = part, rank() == 0
+
+    def moments(self, engine: Any, name: str, qlayer: QuantLayer, cfg: QuantConfig
+                ) -> Moments | None:
+        from adaround import api  # api imports this module
+
+        return api._layer_moments(engine, name, qlayer, cfg, shared_moments, self.part.total)
+
+    def eval_at(self) -> Tensor:
+        return eval_share(self.part).chunks[0]
+
+    def round(self, name: str, qlayer: QuantLayer, xq: Tensor, target: Tensor,
+              activation: Callable[[Tensor], Tensor] | None, cfg: QuantConfig,
+              generator: torch.Generator, progress: bool, start: float,
+              moments: Moments | None, rows_only: bool) -> LayerResult:
+        held = eval_share(self.part) if rows_only else self.part
+        return adaround_layer(name, qlayer, xq, target, activation, cfg, generator, progress,
+                              start, moments, held)
+
+    def round_independent(self, named: list[tuple[str, QuantLayer, Moments]],
+                          cfg: QuantConfig, progress: bool) -> list[LayerResult]:
+        from adaround.distributed_whole import round_whole
+
+        return round_whole(named, cfg, progress)
+
+
 def round_layers(fp: nn.Module, qmodel: nn.Module, plans: list[LayerPlan], x: Tensor,
                  cfg: QuantConfig, progress: bool, checkpoint: Checkpoint) -> list[LayerResult]:
-    """`adaround.api._round_layers` across the processes of the group: data sharded, rows
-    split (quadratic loss) or gradients summed (sampled loss); progress and logs from process
-    0, the checkpoint written by process 0 after each layer. With inputs="float", the layers
-    on the quadratic loss are rounded whole, each on one process (distributed_whole)."""
+    """`adaround.api._round_layers` across the processes of the group (`SharedWork`): data
+    sharded; progress and logs from process 0, the checkpoint written by process 0 after
+    each layer."""
     from adaround import api  # api imports this module
-    from adaround.distributed_whole import round_whole
 
-    progress = progress and rank() == 0
     names = [p.name for p in plans if p.reconstructable]
     part = shard(list(x.split(api.FORWARD_BATCH)))
     if rank() == 0:
         log.info("%d processes: process 0 holds %d of %d calibration samples", world(),
                  part.count, part.total)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    report: list[LayerResult] = checkpoint.restore(qmodel, generator)
-    whole: list[tuple[str, QuantLayer, Moments]] = []
     with budget_store(cfg.memory_budget_mb) as store:
         source = fp if cfg.inputs == "float" else qmodel
         engine = make_engine(fp, source, part.chunks, names, store)
-        for plan in tqdm(plans, desc="layers", unit="layer", disable=not progress):
-            if plan.info is None or not plan.reconstructable:
-                api._round_to_nearest(qmodel, [plan])
-                continue
-            if plan.name in checkpoint.done:
-                continue
-            start = time.perf_counter()
-            activation = plan.info.activation if cfg.loss_after_activation else None
-            qlayer: Any = qmodel.get_submodule(plan.name)
-            moments = api._layer_moments(engine, plan.name, qlayer, cfg, shared_moments,
-                                         part.total)
-            held = part
-            if api.gathers_no_data(moments, cfg):
-                if cfg.inputs == "float":
-                    whole.append((plan.name, qlayer, moments))  # independent: rounded below
-                    continue
-                held = eval_share(part)
-                xq, target = engine.layer_rows(plan.name, activation, held.chunks[0])
-            else:
-                xq, target = engine.layer_data(plan.name, activation)
-            xq = quantize_layer_input(qlayer, xq)
-            result = adaround_layer(plan.name, qlayer, xq, target, activation, cfg, generator,
-                                    progress, start, moments, held)
-            del xq, target, moments
-            report.append(result)
-            checkpoint.record([plan.name], qmodel, generator, report)
-            if rank() == 0:
-                api._log_layer(result, plan, qlayer, cfg, activation is not None)
-    by_name = {p.name: p for p in plans}
-    whole_results = round_whole(whole, cfg, progress)
-    for result in whole_results:
-        report.append(result)
-        if rank() == 0:
-            api._log_layer(result, by_name[result.name], qmodel.get_submodule(result.name),
-                           cfg, False)
-    if whole_results:
-        checkpoint.record([r.name for r in whole_results], qmodel, generator, report)
-    order = {p.name: i for i, p in enumerate(plans)}
-    return sorted(report, key=lambda r: order[r.name])
+        return api._reconstruct_each(engine, qmodel, plans, cfg, progress and rank() == 0,
+                                     checkpoint, SharedWork(part))
 
 
 def round_hf_layer(name: str, qlayer: QuantLayer, x_q: list[Tensor], x_fp: list[Tensor],

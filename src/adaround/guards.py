@@ -61,10 +61,12 @@ def check_result(name: str, loss_nearest: float, loss_adaround: float) -> None:
             f"adaround {loss_adaround:.3g}); {CAUSES}")
 
 
-def open_checkpoint(folder: str | os.PathLike[str] | None, model: nn.Module, x: Tensor,
-                    cfg: QuantConfig, rank: int = 0, processes: int = 1) -> Checkpoint:
+def open_checkpoint(folder: str | os.PathLike[str] | None, model: nn.Module,
+                    x: Tensor | dict[str, Tensor], cfg: QuantConfig, rank: int = 0,
+                    processes: int = 1, options: dict[str, Any] | None = None) -> Checkpoint:
     """The run's checkpoint (None: none), its folder checked writable before any work; in a
     process group of `processes`, process `rank` 0 writes it."""
     if folder is not None:
         check_output_path(os.path.join(os.fspath(folder), "progress.pt"), "checkpoint_dir")
-    return Checkpoint(folder, model, x, cfg, writer=rank == 0, processes=processes)
+    return Checkpoint(folder, model, x, cfg, writer=rank == 0, processes=processes,
+                      options=options)

@@ -56,10 +56,14 @@ def quantize_hf_from_args(args: argparse.Namespace, cfg: QuantConfig) -> int:
     log.info("calibrating on %d sentences from %s; %s", len(sentences), args.calib_text, cfg)
     start = time.perf_counter()
     qmodel = quantize_hf(model, sentences, cfg, opts, tokenizer=tokenizer,
-                         progress=not args.quiet)
+                         progress=not args.quiet, checkpoint_dir=args.checkpoint)
     if distributed.rank() > 0:  # under torchrun: process 0 writes and reports
         return 0
     adaround.save(qmodel, args.output)
+    if args.checkpoint:  # the output is safe: the progress file has served
+        from adaround.checkpoint import remove
+
+        remove(args.checkpoint)
     if getattr(args, "hf_compressed", None):
         from adaround.hf.checkpoint import save_compressed
 

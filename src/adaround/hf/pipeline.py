@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import resource
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -23,9 +25,11 @@ from tqdm.auto import tqdm
 from adaround import distributed
 from adaround.api import META_ATTR, REPORT_ATTR
 from adaround.calibration import check_finite_weights, model_device
+from adaround.checkpoint import Checkpoint
 from adaround.config import QuantConfig, short_run_note
 from adaround.equivalence import CHECK_SAMPLES, TOLERANCE, flatten_tensors, relative_error
 from adaround.errors import ConfigError, ModelError
+from adaround.guards import open_checkpoint
 from adaround.hf.blocks import (
     BlockCall,
     Reached,
@@ -57,7 +61,7 @@ def _peak_rss_mb() -> float:
 def _check_wrapped(model: nn.Module, qmodel: nn.Module, batch: dict[str, Any],
                    device: torch.device) -> None:
     """The model with its Linear layers wrapped (still float) must equal the user's model on
-    a few calibration samples; where not, name the first module that differs."""
+    a few calibration samples; where not, refuse with the error measured."""
     small = {k: v[:CHECK_SAMPLES] if isinstance(v, Tensor) else v for k, v in batch.items()}
     reference = copy.deepcopy(model).eval().to(device)
     with torch.no_grad(), no_cache(reference), no_cache(qmodel):
@@ -74,7 +78,8 @@ def _check_wrapped(model: nn.Module, qmodel: nn.Module, batch: dict[str, Any],
 
 def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
                 options: HFOptions | None = None, *, tokenizer: Any = None,
-                progress: bool = False) -> nn.Module:
+                progress: bool = False,
+                checkpoint_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     """Quantize the Linear layers of a transformer's blocks (and optionally its embeddings and
     head) with AdaRound, block by block; returns a new model, `model` is left unchanged.
 
@@ -82,6 +87,11 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
     attention_mask, ...) or an iterable of such dicts. Padding positions (attention_mask 0)
     are left out of every layer's loss. Without `config`, 4-bit per-channel weights and the
     quadratic loss.
+
+    `checkpoint_dir`: after each block (and head layer) the progress goes there; a run
+    killed and started again with the same arguments continues after the last block done,
+    with the same result (as `adaround.quantize`'s; in a process group, process 0 writes it
+    and every process resumes from it).
 
     Example:
         >>> qmodel = quantize_hf(model, sentences, QuantConfig(group_size=64),  # doctest: +SKIP
@@ -100,6 +110,9 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
         log.info("offload=True keeps the blocks not in use on the CPU; running on the CPU, "
                  "that changes nothing")
     batches = calibration_batches(calib, tokenizer, opts.max_length, opts.forward_batch)
+    checkpoint = open_checkpoint(checkpoint_dir, model, batch_tensors(batches), cfg,
+                                 distributed.rank(), distributed.world(), result_options(opts))
+    distributed.check_same_progress(checkpoint, device)
     if distributed.active():  # in a process group: each process holds a run of batches
         batches = distributed.shard_items(batches)
         progress = progress and distributed.rank() == 0
@@ -122,7 +135,7 @@ def quantize_hf(model: nn.Module, calib: Any, config: QuantConfig | None = None,
     try:
         with torch.no_grad(), no_cache(qmodel):
             report = _run(qmodel, blocks, plan, batches, masks, cfg, opts, budget, device,
-                          progress)
+                          progress, checkpoint)
     finally:
         budget.close()
     if opts.offload or home != device:
@@ -153,9 +166,24 @@ def _refuse_unsupported(cfg: QuantConfig) -> None:
                           f"unit={cfg.unit!r}: drop unit / method")
 
 
+def batch_tensors(batches: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """The calibration batches' tensors by name ("<batch>.<key>"), for the checkpoint's
+    fingerprint of the data (all batches, before a process group shards them)."""
+    return {f"{i}.{key}": value for i, batch in enumerate(batches)
+            for key, value in batch.items() if isinstance(value, Tensor)}
+
+
+_SPEED_ONLY = ("offload", "device", "memory_budget_mb", "spill_dir")
+
+
+def result_options(opts: HFOptions) -> dict[str, Any]:
+    """The options that change what a run computes (not where or how fast it runs)."""
+    return {k: v for k, v in asdict(opts).items() if k not in _SPEED_ONLY}
+
+
 def _run(qmodel: nn.Module, blocks: nn.ModuleList, plan: HFPlan, batches: list[dict],
          masks: list[Tensor | None], cfg: QuantConfig, opts: HFOptions, budget: Budget,
-         device: torch.device, progress: bool) -> list[LayerResult]:
+         device: torch.device, progress: bool, checkpoint: Checkpoint) -> list[LayerResult]:
     for name in plan.nearest:
         qlayer = qmodel.get_submodule(name)
         qlayer.set_codes(qlayer.nearest_codes())
@@ -179,18 +207,21 @@ def _run(qmodel: nn.Module, blocks: nn.ModuleList, plan: HFPlan, batches: list[d
             q_in.append(x)
     del rec.inputs
     generator = torch.Generator().manual_seed(cfg.seed)
-    report: list[LayerResult] = []
+    report: list[LayerResult] = checkpoint.restore(qmodel, generator)
     for i in tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not progress):
         block = blocks[i].to(device)
         calls = rec.calls[i]
-        for name, activation in plan.block_layers(i, block, calls[0], fp_in[0]):
-            qlayer = qmodel.get_submodule(name)
-            begin = time.perf_counter()
-            with float_mode(block):
-                x_fp = _layer_rows(block, qlayer, calls, fp_in, masks, device)
-            x_q = _layer_rows(block, qlayer, calls, q_in, masks, device)
-            report.append(_round(name, qlayer, x_q, x_fp, activation, cfg, generator,
-                                 progress, begin))
+        unit = f"{plan.blocks_name}.{i}"
+        if unit not in checkpoint.done:  # else its codes are restored: only advance through it
+            for name, activation in plan.block_layers(i, block, calls[0], fp_in[0]):
+                qlayer = qmodel.get_submodule(name)
+                begin = time.perf_counter()
+                with float_mode(block):
+                    x_fp = _layer_rows(block, qlayer, calls, fp_in, masks, device)
+                x_q = _layer_rows(block, qlayer, calls, q_in, masks, device)
+                report.append(_round(name, qlayer, x_q, x_fp, activation, cfg, generator,
+                                     progress, begin))
+            checkpoint.record([unit], qmodel, generator, report)
         fp_out, q_out = BatchStore(budget, store_device), BatchStore(budget, store_device)
         for j, call in enumerate(calls):
             with float_mode(block):
@@ -205,8 +236,11 @@ def _run(qmodel: nn.Module, blocks: nn.ModuleList, plan: HFPlan, batches: list[d
     fp_in.clear()
     q_in.clear()
     for name in plan.head:
+        if name in checkpoint.done:
+            continue
         report.append(_round_head(qmodel, blocks, name, batches, masks, cfg, opts, device,
                                   generator, progress))
+        checkpoint.record([name], qmodel, generator, report)
     return report
 
 
