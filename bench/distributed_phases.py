@@ -32,7 +32,8 @@ def main() -> int:
     model, calib, _, _ = load_cifar("resnet56", 1024, 0)
     cfg = adaround.QuantConfig(weight_bits=4, iters=500, lr=0.006)
     start = time.perf_counter()
-    report = adaround.quantize(model, calib, cfg).adaround_report
+    qmodel = adaround.quantize(model, calib, cfg)
+    report = qmodel.adaround_report
     total = time.perf_counter() - start
     data = sum(r.data_seconds for r in report)
     steps = sum(r.step_seconds for r in report)
@@ -41,6 +42,13 @@ def main() -> int:
           f"total {total:.1f} s, data and moments {data:.1f} s, steps {steps:.1f} s, per-layer "
           f"results {layers - data - steps:.1f} s, rest {total - layers:.1f} s "
           f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    by_shape: dict[tuple, list[float]] = {}
+    for r in report:
+        shape = tuple(qmodel.get_submodule(r.name).layer.weight.shape[:2])
+        by_shape.setdefault(shape, []).append(1e3 * r.step_seconds / max(r.iters, 1))
+    print(f"process {os.environ.get('RANK', '-')}: ms a step by layer (C_out, C_in): " + ", ".join(
+        f"{k}: {sum(v) / len(v):.3f} (x{len(v)})" for k, v in sorted(by_shape.items())),
+        flush=True)
     return 0
 
 
