@@ -147,3 +147,14 @@ def remove(folder: str | os.PathLike[str]) -> None:
         path.parent.rmdir()
     except OSError:
         pass
+
+
+def save_then_remove(qmodel: nn.Module, output: str | os.PathLike[str],
+                     folder: str | os.PathLike[str] | None) -> None:
+    """Write the quantized model to `output` (atomically), then delete the run's progress in
+    `folder` (if any): once the output is safe, the progress file has served."""
+    from adaround.io import save
+
+    save(qmodel, output)
+    if folder:
+        remove(folder)

@@ -140,11 +140,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                checkpoint_dir=args.checkpoint)
     if distributed.rank() > 0:  # under torchrun: process 0 writes and reports
         return EXIT_OK
-    adaround.save(qmodel, args.output)
-    if args.checkpoint:  # the output is safe: the progress file has served
-        from adaround.checkpoint import remove
+    from adaround.checkpoint import save_then_remove
 
-        remove(args.checkpoint)
+    save_then_remove(qmodel, args.output, args.checkpoint)
     print(f"quantized {len(qmodel.adaround_meta['layers'])} layers in "
           f"{time.perf_counter() - start:.1f}s -> {args.output}")
     if cfg.act_bits is not None:

@@ -413,6 +413,7 @@ class SharedWork:
 
     def __init__(self, part: Shard) -> None:
         self.part, self.speaks = part, rank() == 0
+        self.report_rows = eval_share(part)  # the same for every layer
 
     def moments(self, engine: Any, name: str, qlayer: QuantLayer, cfg: QuantConfig
                 ) -> Moments | None:
@@ -421,13 +422,13 @@ class SharedWork:
         return api._layer_moments(engine, name, qlayer, cfg, shared_moments, self.part.total)
 
     def eval_at(self) -> Tensor:
-        return eval_share(self.part).chunks[0]
+        return self.report_rows.chunks[0]
 
     def round(self, name: str, qlayer: QuantLayer, xq: Tensor, target: Tensor,
               activation: Callable[[Tensor], Tensor] | None, cfg: QuantConfig,
               generator: torch.Generator, progress: bool, start: float,
               moments: Moments | None, rows_only: bool) -> LayerResult:
-        held = eval_share(self.part) if rows_only else self.part
+        held = self.report_rows if rows_only else self.part
         return adaround_layer(name, qlayer, xq, target, activation, cfg, generator, progress,
                               start, moments, held)
 

@@ -39,7 +39,6 @@ def add_hf_options(q: argparse.ArgumentParser) -> None:
 
 def quantize_hf_from_args(args: argparse.Namespace, cfg: QuantConfig) -> int:
     """Load the folder, read the sentences, quantize block by block, save."""
-    import adaround
     from adaround.hf import HFOptions, load_pretrained, quantize_hf, read_sentences
 
     if not args.calib_text:
@@ -59,11 +58,9 @@ def quantize_hf_from_args(args: argparse.Namespace, cfg: QuantConfig) -> int:
                          progress=not args.quiet, checkpoint_dir=args.checkpoint)
     if distributed.rank() > 0:  # under torchrun: process 0 writes and reports
         return 0
-    adaround.save(qmodel, args.output)
-    if args.checkpoint:  # the output is safe: the progress file has served
-        from adaround.checkpoint import remove
+    from adaround.checkpoint import save_then_remove
 
-        remove(args.checkpoint)
+    save_then_remove(qmodel, args.output, args.checkpoint)
     if getattr(args, "hf_compressed", None):
         from adaround.hf.checkpoint import save_compressed
 
