@@ -9,7 +9,9 @@ Each run is the command line (`adaround quantize`, `torchrun ... -m adaround qua
 own subprocess, one after the other; the time is the one the command reports for
 `quantize` (data, reconstruction, no start-up or saving), and the wall time of the whole
 subprocess beside it. `--repeat 2` alternates the runs twice (1, N, 1, N) and keeps each
-one's best, so a load change during one run shows as a spread.
+one's best, so a load change during one run shows as a spread. `--ceiling` then runs N
+independent 1-process quantizations at the same time: N x (the best 1-process time) / (the
+slowest of them) is the most N processes could gain on this machine.
 """
 
 from __future__ import annotations
@@ -54,9 +56,35 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace, processes: int, out: Path) -> dict:
+    done, wall, load = _launch(args, processes, [out])[0]
+    return _timing(done, processes, wall, load)
+
+
+def _timing(done: subprocess.CompletedProcess, processes: int, wall: float, load: float
+            ) -> dict:
+    if done.returncode != 0:
+        raise SystemExit(f"{processes} process(es) failed:\n{done.stderr[-3000:]}")
+    found = re.search(r"quantized (\d+) layers .*?in ([\d.]+)s", done.stdout)
+    assert found is not None, done.stdout
+    return {"processes": processes, "seconds": float(found.group(2)), "wall": round(wall, 1),
+            "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+
+
+def ceiling(args: argparse.Namespace, tmp: str) -> dict:
+    """N independent 1-process runs at the same time: each one's time against one alone
+    bounds what N processes can gain on this machine (cores that slow each other down when
+    all are busy: shared caches, memory, a clock that drops with the load)."""
+    outs = [Path(tmp, f"ceiling{i}.pt") for i in range(args.processes)]
+    runs = [_timing(done, 1, wall, load) for done, wall, load in _launch(args, 1, outs)]
+    return {"concurrent_seconds": [r["seconds"] for r in runs]}
+
+
+def _launch(args: argparse.Namespace, processes: int, outs: list[Path]
+            ) -> list[tuple[subprocess.CompletedProcess, float, float]]:
+    """The quantization on `processes` processes, once per output in `outs`, all at once."""
     ref, weights = MODELS[args.model]
     common = ["--num-calib", str(args.num_calib), "--bits", str(args.bits), "--iters",
-              str(args.iters), "--loss", args.loss, "-o", str(out)]
+              str(args.iters), "--loss", args.loss]
     if args.model == "minilm":
         command = ["quantize", "--hf-model", str(minilm_folder()), "--calib-text",
                    str(DATA / "stsb" / "sts-b-train-subset.tsv"), "--tsv-column", "7",
@@ -78,15 +106,15 @@ def run(args: argparse.Namespace, processes: int, out: Path) -> dict:
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    done = subprocess.run([*launcher, "-q", "--threads", "1", *command], env=env,
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{processes} process(es) failed:\n{done.stderr[-3000:]}")
-    found = re.search(r"quantized (\d+) layers .*?in ([\d.]+)s", done.stdout)
-    assert found is not None, done.stdout
-    return {"processes": processes, "seconds": float(found.group(2)), "wall": round(wall, 1),
-            "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+    running = [subprocess.Popen([*launcher, "-q", "--threads", "1", *command, "-o", str(out)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for out in outs]
+    results = []
+    for proc in running:
+        stdout, stderr = proc.communicate()
+        results.append((subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+                        time.perf_counter() - start, load))
+    return results
 
 
 def codes_of(path: Path, model: str) -> dict[str, torch.Tensor]:
@@ -135,6 +163,9 @@ def main() -> None:
                    "'--act-bits 4 --method qdrop' or '--inputs float'")
     p.add_argument("--evaluate", type=int, default=0, metavar="N",
                    help="also the top-1 of both results on the first N CIFAR-10 test images")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also N independent 1-process runs at once (after the others): "
+                   "N x (1 alone) / (each of N at once) is what N processes can gain here")
     p.add_argument("--json", help="append the result as one JSON line here")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -145,6 +176,7 @@ def main() -> None:
             for n in (1, args.processes):
                 runs[n].append(run(args, n, paths[n]))
                 print(json.dumps(runs[n][-1]), flush=True)
+        concurrent = ceiling(args, tmp) if args.ceiling else None
         one, many = codes_of(paths[1], args.model), codes_of(paths[args.processes], args.model)
         accuracy = ({n: top1(path, args.model, args.evaluate) for n, path in paths.items()}
                     if args.evaluate and args.model != "minilm" else None)
@@ -158,6 +190,9 @@ def main() -> None:
         "seconds_1": best[1], f"seconds_{args.processes}": best[args.processes],
         "speedup": round(best[1] / best[args.processes], 2),
         "codes_differ": differ, "codes": total,
+        **({} if concurrent is None else {
+            **concurrent, "ceiling": round(args.processes * best[1]
+                                           / max(concurrent["concurrent_seconds"]), 2)}),
         "layers_differ": sorted(k for k in one if not torch.equal(one[k], many[k])),
         "top1": accuracy, "eval_images": args.evaluate,
         "runs": runs, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),

@@ -14,11 +14,13 @@ layer-wise path of `quantize` splits its work; with one process nothing here run
   to the order of the float64 additions, below float32's resolution). The loss plus the
   regulariser separate over output channels and Adam is element-wise, so process r rounds the
   output channels [r C / N, (r + 1) C / N) (whole groups for grouped convolutions) with no
-  communication during the steps except the early-stop count (one scalar all-reduce every
-  STOP_CHECK steps, so the layer stops at the step it stops at in one process). The codes are
-  then summed by all-reduce (each process fills its rows, zeros elsewhere), so every process
-  holds the whole quantized layer before the next one. Layers under ROW_SPLIT_MIN weights,
-  whose steps are launch-bound, are stepped whole by every process instead.
+  communication during the steps, the early stop included: each process stops once its own
+  rows have been binary for STOP_WINDOW steps (from then on they do not change, so its codes
+  are those it would have at the layer's 1-process stop, which is the latest process's stop:
+  the steps reported). The codes are then summed by all-reduce (each process fills its rows,
+  zeros elsewhere), so every process holds the whole quantized layer before the next one.
+  Layers under ROW_SPLIT_MIN weights, whose steps are launch-bound, are stepped whole by
+  every process instead.
 - inputs="float" (`distributed_whole`): the layers are independent, so each process rounds
   whole stacks of same-shaped layers from the all-reduced moments (no rows split, no
   communication during the steps), and one all-reduce gathers the codes.
@@ -276,12 +278,11 @@ class RowsLoss:
 
 
 #: layers with fewer weights are stepped whole by every process instead of split by rows:
-#: their steps are bound by kernel launches, which every process would run anyway, and the
-#: split only added the early stop's all-reduce (ResNet-56 W4, 500 steps, 1 thread: steps
-#: 7.7 s in 1 process; on each of 2: 10.4 s with every layer split, 8.9 s with only its
-#: 64 x 576 layers split, 9.6-10.2 s with none: two busy cores run each slower than one;
-#: BENCHMARKS.md). The 1-process codes either way.
-ROW_SPLIT_MIN = 16_384
+#: their steps are bound by kernel launches, which every process would run anyway (2
+#: processes at once, 1 thread each, AMD EPYC, ms a step whole / each half: 16 x 144 weights
+#: 0.12-0.16 / 0.11-0.16, 32 x 288 0.30-0.35 / 0.22-0.25, 64 x 576 1.26-1.48 / 0.68-0.76;
+#: bench/bench_share_step.py). The 1-process codes either way.
+ROW_SPLIT_MIN = 4096
 
 
 @torch.no_grad()
@@ -290,18 +291,19 @@ def round_rows(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, progress:
     """This process's channels rounded on the quadratic loss, the codes of all channels
     gathered: (codes shaped as the weight, steps run), the same on every process."""
     weight = qlayer.layer.weight.detach()
-    owned, codes, steps_run = round_share(qlayer, moments, cfg, rank(), world(), all_sum,
-                                          progress, desc)
-    full = weight.new_zeros(weight.numel())
+    n = weight.numel()
+    owned, codes, steps_run = round_share(qlayer, moments, cfg, rank(), world(), progress, desc)
+    full = weight.new_zeros(n + world())  # the codes, then each process's steps run
     full[owned] = codes
-    return all_sum(full).reshape(weight.shape), steps_run
+    full[n + rank()] = steps_run
+    full = all_sum(full)
+    return full[:n].reshape(weight.shape), int(full[n:].max().item())
 
 
 def round_share(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, r: int, w: int,
-                total: Callable[[Tensor], Tensor], progress: bool = False, desc: str = ""
-                ) -> tuple[slice, Tensor, int]:
-    """Process r of w's share: (its elements of the flattened weight, their codes, steps run);
-    `total` sums the early-stop count over the processes."""
+                progress: bool = False, desc: str = "") -> tuple[slice, Tensor, int]:
+    """Process r of w's share: (its elements of the flattened weight, their codes, steps run
+    until its rows stopped)."""
     weight = qlayer.layer.weight.detach()
     c_out, n = weight.shape[0], weight.numel()
     length = n // max(c_out, 1)
@@ -319,7 +321,7 @@ def round_share(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, r: int, 
     objective = Objective(RowsLoss(qlayer.layer, moments, lo, hi, owned.start, stop - start))
     codes, steps_run = round_weights(
         window(weight), window(qlayer.weight_scale()), window(qlayer.weight_zero_point()),
-        qlayer.qmin, qlayer.qmax, objective, cfg, progress, desc, Share(owned, total))
+        qlayer.qmin, qlayer.qmax, objective, cfg, progress, desc, Share(owned))
     return slice(lo * length, hi * length), codes[owned], steps_run
 
 

@@ -274,11 +274,11 @@ def make_objective(qlayer: QuantLayer, x: Tensor, target: Tensor,
 @dataclass(frozen=True)
 class Share:
     """One process's share of a layer's rounding (adaround.distributed): the elements of the
-    flattened weight it owns, and `total`, which sums a count over all processes, so that the
-    early stop is decided for the whole layer, identically everywhere."""
+    flattened weight it owns. The early stop looks at those only, with no communication: the
+    rows separate, and a share stops at the step the whole layer would have stopped at had its
+    other rows been binary since (the whole layer stops at the latest share's step)."""
 
     owned: slice
-    total: Callable[[Tensor], Tensor]
 
 
 class EarlyStop:
@@ -309,8 +309,6 @@ class EarlyStop:
         self.soft = soft if self.soft is None else self.soft + soft
         if not at_check:
             return False
-        if self.share is not None:
-            self.soft = self.share.total(self.soft)
         binary, self.soft = self.soft.item() == 0, None
         if not binary:
             self.binary_since = None
