@@ -28,6 +28,9 @@ def main() -> int:
     from bench_weights import load_cifar
 
     import adaround
+    from adaround.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does
 
     model, calib, _, _ = load_cifar("resnet56", 1024, 0)
     cfg = adaround.QuantConfig(weight_bits=4, iters=500, lr=0.006)
@@ -42,13 +45,19 @@ def main() -> int:
           f"total {total:.1f} s, data and moments {data:.1f} s, steps {steps:.1f} s, per-layer "
           f"results {layers - data - steps:.1f} s, rest {total - layers:.1f} s "
           f"(load {os.getloadavg()[0]:.2f})", flush=True)
-    by_shape: dict[tuple, list[float]] = {}
+    step: dict[tuple, list[float]] = {}
+    phases: dict[tuple, list[tuple[float, float, float]]] = {}
     for r in report:
         shape = tuple(qmodel.get_submodule(r.name).layer.weight.shape[:2])
-        by_shape.setdefault(shape, []).append(1e3 * r.step_seconds / max(r.iters, 1))
-    print(f"process {os.environ.get('RANK', '-')}: ms a step by layer (C_out, C_in): " + ", ".join(
-        f"{k}: {sum(v) / len(v):.3f} (x{len(v)})" for k, v in sorted(by_shape.items())),
-        flush=True)
+        step.setdefault(shape, []).append(1e3 * r.step_seconds / max(r.iters, 1))
+        phases.setdefault(shape, []).append(
+            (r.data_seconds, r.step_seconds, r.seconds - r.data_seconds - r.step_seconds))
+    who = f"process {os.environ.get('RANK', '-')}"
+    print(f"{who}: ms a step by layer (C_out, C_in): " + ", ".join(
+        f"{k}: {sum(v) / len(v):.3f} (x{len(v)})" for k, v in sorted(step.items())), flush=True)
+    print(f"{who}: s of data / steps / results by layer (C_out, C_in), summed: " + ", ".join(
+        f"{k}: " + " / ".join(f"{sum(p[i] for p in v):.2f}" for i in range(3))
+        for k, v in sorted(phases.items())), flush=True)
     return 0
 
 

@@ -80,7 +80,14 @@ def _model_and_data() -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def _codes(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.codes.clone() for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
+    """Each layer's codes, and its grid under "<name>#scale" and "<name>#zero_point" (fitted
+    by one process each on N processes: `distributed.fit_grids`)."""
+    out = {}
+    for n, m in qmodel.named_modules():
+        if isinstance(m, QuantLayer):
+            out.update({n: m.codes.clone(), f"{n}#scale": m.scale.clone(),
+                        f"{n}#zero_point": m.zero_point.clone()})
+    return out
 
 
 def _run(name: str, checkpoint_dir: Path | None = None
@@ -214,7 +221,10 @@ def test_two_processes_give_the_one_process_codes(name: str, two_processes: dict
     reference, iters = _run(name)
     for rank in range(2):
         codes, dist_iters = two_processes[rank][name]
+        codes = dict(codes)  # the fixture's stays whole for the other tests
         assert codes.keys() == reference.keys()
+        for k in [k for k in codes if "#" in k]:  # the grids: the 1-process ones, exactly
+            assert torch.equal(codes.pop(k), reference[k]), f"rank {rank}: {k}"
         differ = sum(int((codes[k] != reference[k]).sum()) for k in codes)
         total = sum(c.numel() for c in codes.values())
         if name in EXACT:  # rows split or whole layers:

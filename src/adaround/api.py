@@ -230,7 +230,9 @@ def quantize(
     distributed.check_same_progress(checkpoint, x.device)
     fp, trace, folded = prepare_float(model, x, cfg)
     plans = plan_layers(fp, trace, cfg)
-    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg)
+    qmodel = swap_in_quant_layers(copy.deepcopy(fp), plans, cfg, fit=not distributed.active())
+    if distributed.active():  # each process fits 1/N of the grids
+        distributed.fit_grids(qmodel, [p.name for p in plans], cfg.scale_method)
     check_wrapped(fp, qmodel, x)
     if cfg.act_bits is not None:
         calibrate_activations(qmodel, [p.name for p in plans], trace.names(), x, cfg)

@@ -185,6 +185,25 @@ def check_same_progress(checkpoint: Checkpoint, device: torch.device) -> None:
             "network file system on several machines), or delete it to start over")
 
 
+def fit_grids(qmodel: nn.Module, names: list[str], method: str) -> None:
+    """The weight grids of the QuantLayers `names` of `qmodel` ("" for the model itself),
+    process r fitting every N-th from the r-th (`QuantLayer.fit_grid`, as one process does)
+    and one all-reduce summing each grid with the others' zeros (in float64: exact), so every
+    process holds every grid, the 1-process one."""
+    layers = [qmodel.get_submodule(name) if name else qmodel for name in names]
+    grids = []
+    for i, qlayer in enumerate(layers):
+        mine = i % world() == rank()
+        if mine:
+            qlayer.fit_grid(method)
+        grids += [(qlayer.scale, mine), (qlayer.zero_point, mine)]
+    flat = torch.cat([t.detach().reshape(-1).double() if mine else
+                      t.new_zeros(t.numel(), dtype=torch.float64) for t, mine in grids])
+    all_sum(flat)
+    for (t, _), part in zip(grids, flat.split([t.numel() for t, _ in grids])):
+        t.copy_(part.view(t.shape))
+
+
 @dataclass(frozen=True)
 class Shard:
     """This process's calibration chunks, and where its samples sit among all samples."""
@@ -374,7 +393,10 @@ def shared_loss(qlayer: QuantLayer, weight: Tensor, x: Tensor, target: Tensor,
     it holds."""
     at = eval_rows(part.total, part.offset, part.count)
     keep = len(at)
-    local = layer_loss(qlayer, weight, x[at], target[at], activation) if keep else 0.0
+    if keep == len(x) and keep and int(at[-1]) == keep - 1:  # all of x, in order: no copy
+        local = layer_loss(qlayer, weight, x, target, activation)
+    else:
+        local = layer_loss(qlayer, weight, x[at], target[at], activation) if keep else 0.0
     sums = all_sum(torch.tensor([local * keep, float(keep)], dtype=torch.float64,
                                 device=weight.device))
     return (sums[0] / sums[1].clamp(min=1)).item()
