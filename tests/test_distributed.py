@@ -445,3 +445,24 @@ def test_qdrop_split_refuses_an_activation_shared_by_all_samples() -> None:
     with pytest.raises(adaround.ConfigError, match="input of block.table does not grow"):
         check_batch_first(Objective(), {"block.fc": per_sample,  # type: ignore[arg-type]
                                         "block.table": shared})
+
+
+@pytest.mark.parametrize("local, count, cpus, threads, expected", [
+    (1, 2, [0, 1, 2, 3], 2, [2, 3]),  # process 1 of 2 on 4 CPUs: the second pair
+    (0, 2, [4, 5], 1, [4]),  # the CPUs this process may use, not 0..n
+    (1, 2, [0, 1, 2], 1, None),  # 3 CPUs do not split in 2: left alone
+    (0, 2, [0, 1], 2, None),  # 2 threads would share 1 CPU: left alone
+    (0, 1, [0, 1], 1, None),  # one process: left alone
+])
+def test_pin_to_cores_gives_each_local_process_its_own_cpus(
+        local: int, count: int, cpus: list[int], threads: int, expected: list[int] | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pinned: list[list[int]] = []
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(count))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus), raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, mask: pinned.append(list(mask)),
+                        raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    distributed.pin_to_cores()
+    assert pinned == ([] if expected is None else [expected])

@@ -606,7 +606,7 @@ def adaround_layer(
     at = eval_rows(x.shape[0], 0, x.shape[0])
     xs, ts = x[at], target[at]
     return layer_result(name, qlayer, codes, nearest, steps_run, cfg, moments, activation,
-                        lambda w: layer_loss(qlayer, w, xs, ts, activation),
+                        lambda ws: [layer_loss(qlayer, w, xs, ts, activation) for w in ws],
                         (start, begin, step_seconds))
 
 
@@ -623,17 +623,18 @@ def eval_rows(total: int, offset: int, count: int) -> Tensor:
 def layer_result(name: str, qlayer: QuantLayer, codes: Tensor, nearest: Tensor,
                  steps_run: int, cfg: QuantConfig, moments: Moments | None,
                  activation: Callable[[Tensor], Tensor] | None,
-                 loss_of: Callable[[Tensor], float],
+                 losses_of: Callable[[list[Tensor]], list[float]],
                  times: tuple[float, float, float]) -> LayerResult:
-    """What a layer's rounding achieved: nearest and AdaRound on the same loss (`loss_of` a
-    weight), and on the optimised quadratic one where moments were used. `times`: the
+    """What a layer's rounding achieved: nearest and AdaRound on the same loss (`losses_of`
+    weights), and on the optimised quadratic one where moments were used. `times`: the
     perf_counter readings at the start and at the first step, and the seconds of the steps."""
     start, begin, step_seconds = times
     weight_nearest = dequantize(nearest, qlayer.weight_scale(), qlayer.weight_zero_point())
+    loss_nearest, loss_adaround = losses_of([weight_nearest, qlayer.quantized_weight()])
     return LayerResult(
         name=name,
-        loss_nearest=loss_of(weight_nearest),
-        loss_adaround=loss_of(qlayer.quantized_weight()),
+        loss_nearest=loss_nearest,
+        loss_adaround=loss_adaround,
         flipped=(codes != nearest).float().mean().item(),
         iters=steps_run,
         seconds=time.perf_counter() - start,
