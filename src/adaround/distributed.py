@@ -15,9 +15,9 @@ layer-wise path of `quantize` splits its work; with one process nothing here run
   regulariser separate over output channels and Adam is element-wise, so process r rounds the
   output channels [r C / N, (r + 1) C / N) (whole groups for grouped convolutions) with no
   communication during the steps, the early stop included: each process stops once its own
-  rows have been binary for STOP_WINDOW steps (from then on they do not change, so its codes
-  are those it would have at the layer's 1-process stop, which is the latest process's stop:
-  the steps reported). The codes are then summed by all-reduce (each process fills its rows,
+  rows have been binary for STOP_WINDOW steps (from then on their codes do not change, so
+  they are those of the layer's 1-process stop, which is the latest process's stop: the
+  steps reported). The codes are then summed by all-reduce (each process fills its rows,
   zeros elsewhere), so every process holds the whole quantized layer before the next one.
   Layers under ROW_SPLIT_MIN weights, whose steps are launch-bound, are stepped whole by
   every process instead.
@@ -333,11 +333,13 @@ def round_rows(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, progress:
     weight = qlayer.layer.weight.detach()
     n = weight.numel()
     owned, codes, steps_run = round_share(qlayer, moments, cfg, rank(), world(), progress, desc)
-    full = weight.new_zeros(n + world())  # the codes, then each process's steps run
+    # the codes, then each process's steps run, in float32 (exact integers up to 2^24, also
+    # for a half-precision weight)
+    full = weight.new_zeros(n + world(), dtype=torch.float32)
     full[owned] = codes
     full[n + rank()] = steps_run
     full = all_sum(full)
-    return full[:n].reshape(weight.shape), int(full[n:].max().item())
+    return full[:n].reshape(weight.shape).to(codes.dtype), int(full[n:].max().item())
 
 
 def round_share(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, r: int, w: int,
