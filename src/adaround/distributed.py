@@ -94,7 +94,6 @@ from adaround.reconstruct.loop import (
     Objective,
     QuadraticLoss,
     SampledLoss,
-    Share,
     eval_rows,
     layer_loss,
     layer_result,
@@ -363,7 +362,7 @@ def round_share(qlayer: QuantLayer, moments: Moments, cfg: QuantConfig, r: int, 
     objective = Objective(RowsLoss(qlayer.layer, moments, lo, hi, owned.start, stop - start))
     codes, steps_run = round_weights(
         window(weight), window(qlayer.weight_scale()), window(qlayer.weight_zero_point()),
-        qlayer.qmin, qlayer.qmax, objective, cfg, progress, desc, Share(owned))
+        qlayer.qmin, qlayer.qmax, objective, cfg, progress, desc, owned)
     return slice(lo * length, hi * length), codes[owned], steps_run
 
 

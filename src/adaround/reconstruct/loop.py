@@ -271,16 +271,6 @@ def make_objective(qlayer: QuantLayer, x: Tensor, target: Tensor,
     return Objective(sampled, QuadraticLoss(qlayer, moments), int(cfg.warm_start * cfg.iters))
 
 
-@dataclass(frozen=True)
-class Share:
-    """One process's share of a layer's rounding (adaround.distributed): the elements of the
-    flattened weight it owns. The early stop looks at those only, with no communication: the
-    rows separate, and a share stops at the step the whole layer would have stopped at had its
-    other rows been binary since (the whole layer stops at the latest share's step)."""
-
-    owned: slice
-
-
 class EarlyStop:
     """Says stop once every h(V) has been exactly 0 or 1 at every step of the last STOP_WINDOW.
 
@@ -289,12 +279,18 @@ class EarlyStop:
     which has decayed by 0.9^STOP_WINDOW. h is looked at every STOP_CHECK steps until it is
     binary, then at every step; the count of soft h is summed on the device and read every
     STOP_CHECK steps only.
+
+    `owned`: one process's share of a layer's rounding (adaround.distributed), the elements
+    of the flattened weight it steps and keeps; only those are looked at, with no
+    communication: the rows separate, so a share stops at the step the whole layer would have
+    stopped at had its other rows been binary since (the whole layer stops at the latest
+    share's step).
     """
 
-    def __init__(self, share: Share | None = None) -> None:
+    def __init__(self, owned: slice | None = None) -> None:
         self.soft: Tensor | None = None
         self.binary_since: int | None = None
-        self.share = share
+        self.owned = owned
 
     def update(self, step: int, inside: Callable[[], Tensor]) -> bool:
         """`inside()`: 1 (or True) where h is strictly between 0 and 1, 0 elsewhere; called
@@ -303,8 +299,8 @@ class EarlyStop:
         if self.binary_since is None and not at_check:
             return False
         mask = inside()
-        if self.share is not None:
-            mask = mask.reshape(-1)[self.share.owned]
+        if self.owned is not None:
+            mask = mask.reshape(-1)[self.owned]
         soft = mask.sum()
         self.soft = soft if self.soft is None else self.soft + soft
         if not at_check:
@@ -435,9 +431,9 @@ def run_rounding(qlayer: QuantLayer, objective: Objective, cfg: QuantConfig,
 @torch.no_grad()
 def round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                   objective: Objective, cfg: QuantConfig, progress: bool = False,
-                  desc: str = "", share: Share | None = None) -> tuple[Tensor, int]:
+                  desc: str = "", owned: slice | None = None) -> tuple[Tensor, int]:
     """The loop of `run_rounding` on any weight tensor (also a stack of several layers', or one
-    process's share of a layer's: `share`).
+    process's share of a layer's, whose early stop looks at the elements `owned` only).
 
     The chain from the loss to V is written out (dL/dW~ from the loss, then through the grid
     clip, h(V) and the regularizer): the same gradient autograd computes (tested), at a
@@ -446,7 +442,7 @@ def round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     with (gpu_matmul_precision(w.device), step_threads(w.device) as threads,
           flush_denormals(w.device)):
         return _round_weights(w, scale, zero_point, qmin, qmax, objective, cfg, progress, desc,
-                              share, threads)
+                              owned, threads)
 
 
 PARALLEL_PRODUCT = 2**21  # multiply-adds of a step's product from which it takes all threads
@@ -530,7 +526,7 @@ def gpu_matmul_precision(device: torch.device) -> Iterator[None]:
 
 def _round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                    objective: Objective, cfg: QuantConfig, progress: bool,
-                   desc: str, share: Share | None = None, threads: int = 1
+                   desc: str, owned: slice | None = None, threads: int = 1
                    ) -> tuple[Tensor, int]:
     # every per-step tensor in the standard layout: a channels-last weight would make each
     # reshape to weight rows (and back) a copy
@@ -538,7 +534,7 @@ def _round_weights(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax
     w_floor, w0, s_live = grid_constants(w, scale, zero_point, qmin, qmax)
     v = init_v(w / scale - w_floor)
     adam = Adam(v, cfg.lr)
-    stop = EarlyStop(share) if cfg.early_stop else None
+    stop = EarlyStop(owned) if cfg.early_stop else None
     steps_run = cfg.iters
     relax = Relaxation(v, s_live)
     s_live = s_live.expand_as(v).contiguous()
