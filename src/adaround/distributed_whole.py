@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from adaround.config import QuantConfig
-from adaround.distributed import all_sum, rank, world
+from adaround.distributed import all_sum_each, rank, world
 from adaround.nn.quant_layer import QuantLayer
 from adaround.reconstruct.batched import round_stacked, stack_key
 from adaround.reconstruct.loop import LayerResult
@@ -63,23 +63,17 @@ def round_whole(named: Sequence[tuple[str, QuantLayer, Moments]], cfg: QuantConf
     mine = [item for item, p in zip(named, owner) if p == rank()]
     results = {r.name: r for r in round_stacked(mine, cfg, progress)}
     device = named[0][1].codes.device
-    flat = torch.cat([q.codes.reshape(-1).float() if p == rank()
-                      else torch.zeros(q.codes.numel(), device=device)
-                      for (_, q, _), p in zip(named, owner)])
+    codes = [q.codes if p == rank() else torch.zeros_like(q.codes)
+             for (_, q, _), p in zip(named, owner)]
     stats = torch.zeros(len(named), len(_STATS), dtype=torch.float64, device=device)
     for i, (name, _, _) in enumerate(named):
         if name in results:
             stats[i] = torch.tensor([float(getattr(results[name], k)) for k in _STATS],
                                     dtype=torch.float64)
-    all_sum(flat)
-    all_sum(stats)
+    *codes, stats = all_sum_each([*codes, stats])
     report = []
-    offset = 0
     for i, (name, qlayer, _) in enumerate(named):
-        n = qlayer.codes.numel()
-        qlayer.set_codes(flat[offset:offset + n].reshape(qlayer.codes.shape)
-                         .to(qlayer.codes.dtype))
-        offset += n
+        qlayer.set_codes(codes[i])
         values = dict(zip(_STATS, stats[i].tolist()))
         values["iters"], values["batched"] = int(values["iters"]), int(values["batched"])
         report.append(LayerResult(name=name, objective="quadratic",
